@@ -1,0 +1,254 @@
+"""The `vlmtune` command line.
+
+    vlmtune demo [--output-dir DIR]
+    vlmtune train CONFIG.yaml [--model NAME] [--variant NAME] [--set key.path=value ...]
+    vlmtune train --dataset data.jsonl --model-id ID [--mode llm|vision|both|projector]
+    vlmtune inspect MODEL_ID [--model-type T]
+    vlmtune preview CONFIG.yaml [--n N] [--json]
+
+User errors print one line and exit 1; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import warnings
+from typing import Any, Optional
+
+from .errors import UserError
+
+log = logging.getLogger("vlmtune")
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not debug:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        for noisy in ("bitsandbytes", "accelerate", "peft", "httpx", "huggingface_hub"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _parse_set(pairs: list[str]) -> dict[str, Any]:
+    """`--set training.max_steps=10` -> {"training": {"max_steps": 10}} (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set {pair}", "expected key.path=value", "e.g. --set training.max_steps=10")
+        key, val = pair.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(val)
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_cli_config(path: str, sets: Optional[list[str]] = None):
+    """Load a config file, applying `--set` overrides before validation."""
+    import yaml
+    from pathlib import Path
+
+    from .config import config_from_dict, load_config
+
+    if not sets:
+        return load_config(path)
+    cfg = load_config(path)  # validates the file itself first, with file-relative errors
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    return config_from_dict(_deep_merge(raw, _parse_set(sets)), f"{path} (with --set)", cfg.config_dir)
+
+
+def _slug(model_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id.rstrip("/").split("/")[-1].replace("tiny:", "tiny_")) or "model"
+
+
+def quick_config(args: argparse.Namespace):
+    """The seed 002 quick form: `--dataset data.jsonl --model-id ID --mode llm`."""
+    from .config import TRAINING_MODES, config_from_dict
+
+    mode = args.mode or os.environ.get("TRAINING_MODE") or "llm"
+    if mode not in TRAINING_MODES:
+        raise UserError("TRAINING_MODE" if not args.mode else "--mode", f"unknown mode {mode!r}", f"use one of {', '.join(TRAINING_MODES)}")
+    if not args.model_id:
+        raise UserError("--model-id", "missing", "pass --model-id (a hub id, local directory or tiny:<family>)")
+    raw: dict[str, Any] = {
+        "experiment_name": "quick",
+        "output_dir": args.output_dir or "results/quick",
+        "data": {"train_jsonl": args.dataset},
+        "models": [{"name": _slug(args.model_id), "hf_model_id": args.model_id, **({"model_type": args.model_type} if args.model_type else {})}],
+        "training": {"training_mode": mode},
+    }
+    if args.set:
+        raw = _deep_merge(raw, _parse_set(args.set))
+    return config_from_dict(raw, "command line")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .experiment.grid import run_grid
+
+    if args.config and args.dataset:
+        raise UserError("train", "give either CONFIG or --dataset, not both", "drop one of them")
+    if args.config:
+        cfg = load_cli_config(args.config, args.set)
+        if args.output_dir:
+            cfg.output_dir = args.output_dir
+    elif args.dataset:
+        cfg = quick_config(args)
+    else:
+        raise UserError("train", "nothing to train", "pass a CONFIG.yaml or --dataset data.jsonl --model-id ID")
+    results = run_grid(cfg, args.model, args.variant)
+    for r in results:
+        gm = r.get("generation_metrics") or {}
+        em = gm.get("exact_match", {}).get("value")
+        print(f"{r['run']}: final_train_loss={r['metrics']['final_train_loss']:.4f}" + (f" exact_match={em:.3f}" if em is not None else "") + f"  -> {r['run_dir']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .config import TRAINING_MODES, LoraConfig, ModelConfig, TrainingConfig, VisualEncoderSettings
+    from .models.loading import load_model
+    from .train.components import describe_plan, estimate_trainable, format_report, parameter_report, plan_parts
+
+    mcfg = ModelConfig(name="inspect", hf_model_id=args.model_id, model_type=args.model_type, trust_remote_code=args.trust_remote_code)
+    lm = load_model(mcfg, where=args.model_id)
+    lm.model.requires_grad_(False)
+    report = parameter_report(lm.model, lm.parts)
+    ve = VisualEncoderSettings()
+    lora = LoraConfig(r=16, alpha=32, dropout=0.05)
+    modes = {}
+    for mode in TRAINING_MODES:
+        plan = plan_parts(TrainingConfig(training_mode=mode), ve)
+        try:
+            est = estimate_trainable(lm.model, lm.parts, lm.family, plan, lora)
+        except UserError as e:
+            est = {"error": e.line()}
+        modes[mode] = {"plan": describe_plan(plan), "trainable_parameters_lora_r16": est}
+    found = {p: lm.parts.roots.get(p, []) for p in ("vision", "projector", "llm")}
+    if args.json:
+        print(json.dumps({"model": args.model_id, "family": lm.family_name, "class": type(lm.model).__name__, "parts": found, "report": report, "modes": modes}, indent=2))
+        return 0
+    print(f"{args.model_id}: {type(lm.model).__name__} (family {lm.family_name})")
+    for p, paths in found.items():
+        print(f"  {p:<10} {', '.join(paths) or '(not found)'}")
+    print(format_report(report))
+    print("What each training_mode trains (LoRA r=16 on the family's default targets):")
+    for mode, info in modes.items():
+        est = info["trainable_parameters_lora_r16"]
+        total = f"{sum(est.values()):,} trainable" if "error" not in est else est["error"]
+        print(f"  {mode:<10} {info['plan']}  -> {total}")
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from .data.collate import Encoder
+    from .data.sources import load_split
+    from .models.loading import load_processor_only
+
+    cfg = load_cli_config(args.config, args.set)
+    idx = next((i for i, m in enumerate(cfg.models) if args.model in (None, m.name)), None)
+    if idx is None:
+        raise UserError("--model", f"no model named {args.model!r}", f"choose one of {', '.join(m.name for m in cfg.models)}")
+    processor, family = load_processor_only(cfg.models[idx], f"models[{idx}]")
+    enc = Encoder(processor, family)
+    samples = load_split(cfg, args.split) or []
+    for s in samples[: args.n]:
+        e = enc.encode(s)
+        row = {
+            "id": s.id,
+            "text": enc.decode_for_display(e.features["input_ids"]),
+            "n_tokens": e.n_tokens,
+            "n_image_tokens": e.n_image_tokens,
+            "n_supervised_tokens": e.n_supervised,
+            "supervised_text": enc.supervised_text(e),
+        }
+        if args.json:
+            print(json.dumps(row, ensure_ascii=False))
+        else:
+            print(f"=== {row['id']}  tokens={row['n_tokens']} image_tokens={row['n_image_tokens']} supervised={row['n_supervised_tokens']}")
+            print(row["text"])
+            print(f"--- supervised: {row['supervised_text']!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmtune", description="Fine-tune and evaluate vision-language models from one YAML file.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="train a tiny VLM on synthetic data and show it learned")
+    d.add_argument("--output-dir", default="results/demo")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train every model x LoRA variant of a config (or the --dataset quick form)")
+    t.add_argument("config", nargs="?", help="config YAML")
+    t.add_argument("--model", help="only this model (by name)")
+    t.add_argument("--variant", help="only this LoRA variant (by name)")
+    t.add_argument("--dataset", help="quick form: a JSONL training file")
+    t.add_argument("--model-id", help="quick form: hub id, local dir or tiny:<family>")
+    t.add_argument("--model-type", help="quick form: family (derived from the model when omitted)")
+    t.add_argument("--mode", help="quick form: projector | llm | vision | both (default: $TRAINING_MODE or llm)")
+    t.add_argument("--output-dir", help="override output_dir")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. training.max_steps=10")
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("inspect", help="parameters by part and what each mode trains")
+    i.add_argument("model_id")
+    i.add_argument("--model-type")
+    i.add_argument("--trust-remote-code", action="store_true")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    v = sub.add_parser("preview", help="the first samples exactly as the model sees them")
+    v.add_argument("config")
+    v.add_argument("--n", type=int, default=3)
+    v.add_argument("--json", action="store_true", help="one JSON object per line")
+    v.add_argument("--model", help="which model's processor (default: the first)")
+    v.add_argument("--split", default="train", choices=["train", "val", "test"])
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(func=cmd_preview)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.debug)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e.line()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

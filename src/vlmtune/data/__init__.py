@@ -1,0 +1,1 @@
+"""Data: sources (CSV/JSONL -> Samples), images, and encoding (chat template, labels, padding)."""

@@ -1,0 +1,280 @@
+"""Read CSV and JSONL data into `Sample`s: normalised conversations plus resolved image paths.
+
+Every sample is a list of messages in the typed-content form that chat templates expect::
+
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "a red circle"}]}]
+
+with `images[i]` the path of the i-th `{"type": "image"}` part.
+
+Accepted JSONL records: `messages` (OpenAI/TRL style; string content with `<image>`
+placeholders, or typed content parts) or `conversations` (LLaVA/ShareGPT: `from`/`value`),
+with `images` (list) or `image` (one path). Multi-turn is fine.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config import Config, DataConfig
+from ..errors import UserError
+
+log = logging.getLogger("vlmtune")
+
+IMAGE_PLACEHOLDER = "<image>"
+_ROLE = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant", "bot": "assistant", "system": "system"}
+
+
+@dataclass
+class Sample:
+    id: str
+    """`file:line` of the row: errors and predictions point back to it."""
+    messages: list[dict[str, Any]]
+    images: list[str] = field(default_factory=list)
+
+    @property
+    def response(self) -> str:
+        """Text of the last assistant turn (the reference answer for evaluation)."""
+        return message_text(self.messages[-1]) if self.messages and self.messages[-1]["role"] == "assistant" else ""
+
+    @property
+    def query(self) -> str:
+        """Text of the last user turn."""
+        for m in reversed(self.messages):
+            if m["role"] == "user":
+                return message_text(m)
+        return ""
+
+    def prompt_messages(self) -> list[dict[str, Any]]:
+        """The conversation up to (not including) the final assistant answer."""
+        return self.messages[:-1] if self.messages and self.messages[-1]["role"] == "assistant" else list(self.messages)
+
+
+def message_text(m: dict[str, Any]) -> str:
+    return "".join(p.get("text", "") for p in m["content"] if p.get("type") == "text")
+
+
+def _split_placeholders(text: str) -> list[dict[str, Any]]:
+    """'<image>\\nWhat?' -> [{"type": "image"}, {"type": "text", "text": "What?"}]."""
+    parts: list[dict[str, Any]] = []
+    chunks = text.split(IMAGE_PLACEHOLDER)
+    for i, chunk in enumerate(chunks):
+        if i > 0:
+            parts.append({"type": "image"})
+            chunk = chunk.lstrip("\n")  # LLaVA writes '<image>\n'; the template adds its own
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
+    return parts
+
+
+class ImageResolver:
+    """Resolves relative image paths: `data.image_root` when set; otherwise the data file's
+    folder, and where not found there, the working directory (the seed's `data/images/...`
+    habit). Remembers which root each data file used so `check`/logs can say so."""
+
+    def __init__(self, data_file: Path, image_root: Optional[str], config_dir: Optional[str]):
+        self.data_file = data_file
+        if image_root:
+            root = Path(image_root)
+            if not root.is_absolute() and not root.exists() and config_dir:
+                root = Path(config_dir) / root
+            self.roots = [root]
+        else:
+            self.roots = [data_file.parent, Path.cwd()]
+        self.used: set[str] = set()
+
+    def __call__(self, raw: str, where: str) -> str:
+        if raw.startswith(("http://", "https://")):
+            raise UserError(where, f"remote image {raw!r}", "download the images and use local paths")
+        p = Path(raw).expanduser()
+        if p.is_absolute():
+            if not p.is_file():
+                raise UserError(where, f"image {raw!r} does not exist", "fix the path")
+            self.used.add("absolute paths")
+            return str(p)
+        for root in self.roots:
+            cand = root / p
+            if cand.is_file():
+                self.used.add(str(root))
+                return str(cand)
+        tried = ", ".join(str(r) for r in self.roots)
+        raise UserError(where, f"image {raw!r} not found (looked in {tried})", "fix the path or set data.image_root")
+
+
+def resolve_data_path(path: str, config_dir: Optional[str], where: str) -> Path:
+    """Data files resolve against the working directory, then the config's folder."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if not p.is_absolute() and config_dir and (Path(config_dir) / p).is_file():
+        return Path(config_dir) / p
+    raise UserError(where, f"data file {path!r} not found", "fix the path (relative paths resolve against the working directory, then the config's folder)")
+
+
+def read_csv(path: Path, data: DataConfig, resolve: ImageResolver) -> list[Sample]:
+    samples = []
+    try:
+        f = open(path, encoding="utf-8", newline="")
+        text = f.read()
+        f.close()
+    except UnicodeDecodeError as e:
+        line = text_line_of_byte(path, e.start)
+        raise UserError(f"{path}:{line}", f"not UTF-8 text (byte offset {e.start})", "re-save the file as UTF-8") from None
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    cols = reader.fieldnames or []
+
+    def pick(primary: str, fallback: str, key: str) -> str:
+        if primary in cols:
+            return primary
+        if fallback in cols:
+            return fallback
+        raise UserError(f"{path}:1", f"no column {primary!r} (columns: {', '.join(cols) or 'none'})", f"rename the column or set data.{key}")
+
+    image_col = pick(data.image_column, data.image_column, "image_column")
+    instr_col = pick(data.instruction_column, data.query_column, "instruction_column")
+    resp_col = pick(data.response_column, data.annotation_column, "response_column")
+    for row in reader:
+        line = reader.line_num
+        where = f"{path}:{line}"
+        vals = {}
+        for col in (image_col, instr_col, resp_col):
+            v = row.get(col)
+            if v is None or not v.strip():
+                raise UserError(f"{where}: {col}", "empty", "fill it in or remove the row")
+            vals[col] = v
+        image = resolve(vals[image_col].strip(), f"{where}: {image_col}")
+        msgs = []
+        if data.system_message:
+            msgs.append({"role": "system", "content": [{"type": "text", "text": data.system_message}]})
+        msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": vals[instr_col]}]})
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": vals[resp_col]}]})
+        samples.append(Sample(id=f"{path.name}:{line}", messages=msgs, images=[image]))
+    return samples
+
+
+def text_line_of_byte(path: Path, offset: int) -> int:
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def _normalise_record(rec: Any, where: str, sample_id: str, resolve: ImageResolver, system_message: Optional[str]) -> Sample:
+    if not isinstance(rec, dict):
+        raise UserError(where, "a JSON line must be an object", "write one {\"messages\": [...], \"images\": [...]} per line")
+    if "messages" in rec:
+        turns, key = rec["messages"], "messages"
+    elif "conversations" in rec:
+        turns, key = rec["conversations"], "conversations"
+    else:
+        raise UserError(where, "no 'messages' or 'conversations' field", "add one (list of {role, content} or {from, value})")
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: {key}", "must be a non-empty list", "add the conversation turns")
+    raw_images = rec.get("images", rec.get("image", []))
+    if isinstance(raw_images, str):
+        raw_images = [raw_images]
+    if not isinstance(raw_images, list):
+        raise UserError(f"{where}: images", "must be a list of paths", "write images: [\"a.jpg\"]")
+    messages: list[dict[str, Any]] = []
+    inline_images: list[Optional[str]] = []
+    for i, t in enumerate(turns):
+        tw = f"{where}: {key}[{i}]"
+        if not isinstance(t, dict):
+            raise UserError(tw, "must be an object", "use {\"role\": ..., \"content\": ...}")
+        role_raw = t.get("role", t.get("from"))
+        role = _ROLE.get(str(role_raw).lower()) if role_raw is not None else None
+        if role is None:
+            raise UserError(f"{tw}.role", f"unknown role {role_raw!r}", "use system, user or assistant (or human/gpt)")
+        content = t.get("content", t.get("value"))
+        if isinstance(content, str):
+            parts = _split_placeholders(content)
+            inline_images += [None] * sum(p["type"] == "image" for p in parts)
+        elif isinstance(content, list):
+            parts = []
+            for j, p in enumerate(content):
+                ptype = p.get("type") if isinstance(p, dict) else None
+                if ptype == "text":
+                    parts.append({"type": "text", "text": str(p.get("text", ""))})
+                elif ptype in ("image", "image_url"):
+                    parts.append({"type": "image"})
+                    src = p.get("image") or p.get("path") or p.get("url")
+                    iu = p.get("image_url")
+                    if src is None and iu is not None:
+                        src = iu.get("url") if isinstance(iu, dict) else iu
+                    inline_images.append(src if isinstance(src, str) else None)
+                else:
+                    raise UserError(f"{tw}.content[{j}]", f"unknown content part {p!r}", "use {\"type\": \"text\", \"text\": ...} or {\"type\": \"image\"}")
+        else:
+            raise UserError(f"{tw}.content", "missing or not text", "give each turn a string or a list of content parts")
+        if role == "assistant" and any(p["type"] == "image" for p in parts):
+            raise UserError(f"{tw}.content", "an assistant turn contains an image", "images belong in user turns")
+        messages.append({"role": role, "content": parts})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(where, "conversation has no assistant turn", "add the answer to learn as an assistant turn")
+    for m in messages:
+        if m["role"] == "assistant" and not message_text(m).strip():
+            raise UserError(where, "an assistant turn is empty", "fill it in or drop the turn")
+    n_slots = len(inline_images)
+    named = [s for s in inline_images if s]
+    if named and raw_images:
+        raise UserError(where, "images given both inline and in 'images'", "use one of the two")
+    images = named or list(raw_images)
+    if n_slots == 0 and images:
+        # No placeholder: put the images at the start of the first user turn (LLaVA convention).
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise UserError(where, "images but no user turn", "add a user turn")
+        first_user["content"] = [{"type": "image"} for _ in images] + first_user["content"]
+        n_slots = len(images)
+    if n_slots != len(images):
+        raise UserError(where, f"{n_slots} image placeholders but {len(images)} images", "make every <image> placeholder match one entry of 'images'")
+    resolved = [resolve(str(im), f"{where}: images[{k}]") for k, im in enumerate(images)]
+    if system_message and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_message}]})
+    return Sample(id=str(rec.get("id", sample_id)), messages=messages, images=resolved)
+
+
+def read_jsonl(path: Path, data: DataConfig, resolve: ImageResolver) -> list[Sample]:
+    samples = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(where, f"not UTF-8 text (byte {e.start} of the line)", "re-save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(where, f"not valid JSON ({e.msg} at column {e.colno})", "fix the line or remove it") from None
+            samples.append(_normalise_record(rec, where, f"{path.name}:{lineno}", resolve, data.system_message))
+    return samples
+
+
+def load_split(cfg: Config, split: str) -> Optional[list[Sample]]:
+    """Samples of `split` (train/val/test), or None when the config names no file for it."""
+    d = cfg.data
+    for kind in ("csv", "jsonl"):
+        raw = getattr(d, f"{split}_{kind}")
+        if not raw:
+            continue
+        path = resolve_data_path(raw, cfg.config_dir, f"data.{split}_{kind}")
+        resolver = ImageResolver(path, d.image_root, cfg.config_dir)
+        samples = (read_csv if kind == "csv" else read_jsonl)(path, d, resolver)
+        if not samples:
+            raise UserError(str(path), "no samples", "add rows, or remove the file from the config")
+        log.info("%s: %d samples from %s (images resolved against %s)", split, len(samples), path, ", ".join(sorted(resolver.used)) or "-")
+        return samples
+    return None
+
+
+def load_jsonl_file(path: str | os.PathLike, data: Optional[DataConfig] = None, image_root: Optional[str] = None) -> list[Sample]:
+    """Read a JSONL file outside a config (the `--dataset` quick form)."""
+    p = resolve_data_path(str(path), None, "--dataset")
+    return read_jsonl(p, data or DataConfig(), ImageResolver(p, image_root, None))

@@ -1,0 +1,1 @@
+"""Experiments: every model x LoRA variant of a config, trained and evaluated."""

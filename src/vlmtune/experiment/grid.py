@@ -1,0 +1,60 @@
+"""Run every model x LoRA variant of a config: train, then (if enabled) evaluate.
+
+Runs are named `<model>__<variant>` and live under `output_dir` (seed 003's tree).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config import Config, LoraConfig, ModelConfig
+from ..data.sources import Sample, load_split
+from ..errors import UserError
+from ..eval.generate import GenerationSettings, evaluate_samples
+from ..train.sft import run_name, train_run
+
+log = logging.getLogger("vlmtune")
+
+
+def select_runs(cfg: Config, model: Optional[str] = None, variant: Optional[str] = None) -> list[tuple[int, ModelConfig, LoraConfig]]:
+    models = [(i, m) for i, m in enumerate(cfg.models) if model is None or m.name == model]
+    if model is not None and not models:
+        raise UserError("--model", f"no model named {model!r} in the config", f"choose one of {', '.join(m.name for m in cfg.models)}")
+    variants = [v for v in cfg.variants() if variant is None or v.name == variant]
+    if variant is not None and not variants:
+        raise UserError("--variant", f"no variant named {variant!r} in the config", f"choose one of {', '.join(v.name for v in cfg.variants())}")
+    return [(i, m, v) for i, m in models for v in variants]
+
+
+def eval_split(cfg: Config, splits: dict[str, Optional[list[Sample]]]) -> tuple[Optional[str], Optional[list[Sample]]]:
+    order = ["test", "val"] if cfg.evaluation.split == "test" else ["val", "test"]
+    for s in order:
+        if splits.get(s):
+            samples = splits[s]
+            if cfg.evaluation.max_samples:
+                samples = samples[: cfg.evaluation.max_samples]
+            return s, samples
+    return None, None
+
+
+def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = None) -> list[dict[str, Any]]:
+    """Train (and evaluate) the selected runs; returns one summary per run."""
+    runs = select_runs(cfg, model, variant)
+    splits = {s: load_split(cfg, s) for s in ("train", "val", "test")}
+    results = []
+    for k, (i, m, v) in enumerate(runs, start=1):
+        log.info("[%d/%d] %s", k, len(runs), run_name(m, v))
+        res = train_run(cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]")
+        summary = {"run": res["run"], "run_dir": res["run_dir"], "metrics": res["metrics"]}
+        split, samples = eval_split(cfg, splits)
+        if cfg.evaluation.enabled and samples:
+            bs = cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size
+            summary["generation_metrics"] = evaluate_samples(
+                res["model"], res["encoder"], samples, Path(res["run_dir"]), bs,
+                GenerationSettings.from_training(cfg.training), cfg.evaluation.metrics,
+            )
+            summary["eval_split"] = split
+        results.append(summary)
+    return results

@@ -1,0 +1,1 @@
+"""Model families (parts, LoRA defaults, processor quirks), loading, and offline tiny models."""

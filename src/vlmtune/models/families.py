@@ -1,0 +1,210 @@
+"""One spec per model family: where its parts live, its default LoRA targets, its
+end-of-turn token and its processor quirks. Nothing else in vlmtune hard-codes module names.
+
+A VLM is vision encoder -> projector -> LLM (seed 002). Each family names the modules that
+make up each part as paths from the top-level transformers model (transformers 5 layout). A
+parameter belongs to the part whose path is its *longest* matching prefix, so a projector
+nested inside the vision module (Qwen-VL's `visual.merger`) is still the projector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+import torch.nn as nn
+
+from ..errors import UserError
+
+PART_NAMES = ("vision", "projector", "llm")
+
+# Seed 002's LLM targets; scoped to the LLM part so they never wrap vision MLPs.
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _qwen2_5_vl_processor() -> type:
+    from transformers import Qwen2_5_VLProcessor
+
+    return Qwen2_5_VLProcessor
+
+
+def _qwen2_vl_processor() -> type:
+    from transformers import Qwen2VLProcessor
+
+    return Qwen2VLProcessor
+
+
+def _llava_processor() -> type:
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    hf_model_types: tuple[str, ...]
+    """`config.model_type` values of the checkpoints this family covers."""
+    aliases: tuple[str, ...]
+    """`model_type` spellings users write in configs (seed 003: qwen_vl, llava, blip-2, ...)."""
+    parts: Mapping[str, tuple[str, ...]]
+    """part -> module paths from the top-level model."""
+    lora_targets: Mapping[str, Optional[tuple[str, ...]]]
+    """part -> default LoRA leaf names; None = every nn.Linear inside the part."""
+    end_of_turn: str
+    """Token that closes an assistant turn; supervised after every response."""
+    processor_class: Optional[Callable[[], type]] = None
+    """Real processor class; built image-only when it needs a video processor."""
+    needs_video_processor: bool = False
+    """True when the transformers processor refuses to build without torchvision."""
+    dynamic_resolution: bool = False
+    """Qwen-style min_pixels/max_pixels bounds apply."""
+    never_trained: tuple[str, ...] = field(default_factory=tuple)
+    """Parameter-name prefixes that never get a gradient (DDP needs them frozen)."""
+
+    def image_processor_kwargs(self, min_pixels: Optional[int], max_pixels: Optional[int]) -> dict:
+        """Keyword arguments for the image processor (bounded resolution by default)."""
+        if not self.dynamic_resolution:
+            return {}
+        lo = min_pixels or 224 * 224
+        hi = max_pixels or max(lo, 224 * 224)
+        if lo > hi:
+            raise UserError("models[].min_pixels", f"min_pixels {lo} > max_pixels {hi}", "make min_pixels <= max_pixels")
+        return {"size": {"shortest_edge": lo, "longest_edge": hi}}
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def _register(f: Family) -> Family:
+    FAMILIES[f.name] = f
+    return f
+
+
+_register(
+    Family(
+        name="qwen2_5_vl",
+        hf_model_types=("qwen2_5_vl",),
+        aliases=("qwen_vl", "qwen2.5_vl", "qwen2.5-vl", "qwen2_5-vl", "qwen25_vl"),
+        parts={"vision": ("model.visual",), "projector": ("model.visual.merger",), "llm": ("model.language_model", "lm_head")},
+        lora_targets={"vision": ("qkv", "proj", "gate_proj", "up_proj", "down_proj"), "projector": None, "llm": LLM_TARGETS},
+        end_of_turn="<|im_end|>",
+        processor_class=_qwen2_5_vl_processor,
+        needs_video_processor=True,
+        dynamic_resolution=True,
+    )
+)
+_register(
+    Family(
+        name="qwen2_vl",
+        hf_model_types=("qwen2_vl",),
+        aliases=("qwen2-vl",),
+        parts={"vision": ("model.visual",), "projector": ("model.visual.merger",), "llm": ("model.language_model", "lm_head")},
+        lora_targets={"vision": ("qkv", "proj", "fc1", "fc2"), "projector": None, "llm": LLM_TARGETS},
+        end_of_turn="<|im_end|>",
+        processor_class=_qwen2_vl_processor,
+        needs_video_processor=True,
+        dynamic_resolution=True,
+    )
+)
+_register(
+    Family(
+        name="llava",
+        hf_model_types=("llava",),
+        aliases=("llava-1.5", "llava_1.5", "llava_gemma"),
+        parts={"vision": ("model.vision_tower",), "projector": ("model.multi_modal_projector",), "llm": ("model.language_model", "lm_head")},
+        lora_targets={"vision": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), "projector": None, "llm": LLM_TARGETS},
+        end_of_turn="</s>",
+        processor_class=_llava_processor,
+        # LLaVA reads features from the penultimate CLIP layer (vision_feature_layer=-2), so the
+        # last layer's post_layernorm never gets a gradient.
+        never_trained=("model.vision_tower.vision_model.post_layernorm",),
+    )
+)
+
+
+def family_names() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def find_family(model_type: Optional[str], hf_model_type: Optional[str], where: str = "model_type") -> Optional[Family]:
+    """The family for a checkpoint.
+
+    The checkpoint's own `config.model_type` decides; the user's `model_type` (a seed
+    alias like `qwen_vl`) must agree with it. Returns None for the generic path.
+    """
+    by_hf = next((f for f in FAMILIES.values() if hf_model_type in f.hf_model_types), None)
+    if model_type is None:
+        return by_hf
+    key = model_type.lower()
+    by_user = FAMILIES.get(key) or next((f for f in FAMILIES.values() if key in f.aliases or key in f.hf_model_types), None)
+    if by_user is None and key not in ("generic", "auto"):
+        raise UserError(where, f"unknown model_type {model_type!r}", f"use one of {', '.join(family_names())}, 'generic', or leave it out to derive it from the model")
+    if by_hf is not None and by_user is not None and by_user is not by_hf:
+        # `qwen_vl` covers Qwen2-VL and Qwen2.5-VL alike (seed 003): trust the checkpoint.
+        if not (key == "qwen_vl" and by_hf.name in ("qwen2_vl", "qwen2_5_vl")):
+            raise UserError(where, f"{model_type!r} does not match the checkpoint's model_type {hf_model_type!r}", f"set model_type: {by_hf.name} or leave it out")
+    return by_hf or by_user
+
+
+# ------------------------------------------------------------------------------------------
+# Parts of a loaded model.
+
+# The generic path looks for these attribute names (transformers 5 conventions), in order.
+_GENERIC_CANDIDATES = {
+    "vision": ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder"),
+    "projector": ("multi_modal_projector", "merger", "connector", "mm_projector", "projector", "language_projection", "qformer", "query_tokens"),
+    "llm": ("language_model", "text_model", "lm_head"),
+}
+
+
+def _generic_parts(model: nn.Module) -> dict[str, list[str]]:
+    names = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    found: dict[str, list[str]] = {p: [] for p in PART_NAMES}
+    for part, candidates in _GENERIC_CANDIDATES.items():
+        for path in list(names) + list(params):
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf in candidates and not any(path.startswith(p + ".") for p in found[part]):
+                # Skip paths nested inside one already found for this part.
+                found[part].append(path)
+    return found
+
+
+@dataclass
+class PartMap:
+    """Which part each parameter and module of a model belongs to.
+
+    `roots` maps part -> module/parameter paths (relative to the unwrapped model).
+    """
+
+    roots: dict[str, list[str]]
+
+    def part_of(self, name: str) -> str:
+        best, best_len = "other", -1
+        for part, paths in self.roots.items():
+            for p in paths:
+                if (name == p or name.startswith(p + ".")) and len(p) > best_len:
+                    best, best_len = part, len(p)
+        return best
+
+    def missing(self) -> list[str]:
+        return [p for p in PART_NAMES if not self.roots.get(p)]
+
+
+def resolve_parts(model: nn.Module, family: Optional[Family]) -> PartMap:
+    """Find each part's modules in `model` (a plain transformers model, not peft-wrapped)."""
+    if family is None:
+        return PartMap(_generic_parts(model))
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    roots: dict[str, list[str]] = {}
+    for part, paths in family.parts.items():
+        for p in paths:
+            if p not in modules and p not in params:
+                raise RuntimeError(
+                    f"family {family.name}: part {part!r} expects module {p!r}, which this {type(model).__name__} does not have "
+                    "(transformers layout changed?); please report it"
+                )
+        roots[part] = list(paths)
+    return PartMap(roots)

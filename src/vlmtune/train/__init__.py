@@ -1,0 +1,1 @@
+"""Training: what trains (components), supervised fine-tuning (sft)."""
