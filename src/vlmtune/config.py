@@ -397,3 +397,35 @@ def config_from_dict(raw: dict[str, Any], src: str = "config", config_dir: Optio
     cfg = from_dict(Config, raw, "", src)
     cfg.config_dir = config_dir
     return validate(cfg, src)
+
+
+def describe_keys() -> str:
+    """Markdown reference of every config key, generated from the dataclasses' help text."""
+    lines = ["# Config reference", "", "Generated from `src/vlmtune/config.py` (`python -m vlmtune.config > docs/config.md`).", ""]
+
+    def section(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        lines.extend([f"## `{prefix or '(top level)'}`", "", "| key | type | default | meaning |", "|---|---|---|---|"])
+        nested = []
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            tp = hints[f.name]
+            inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+            if dataclasses.is_dataclass(tp) or (inner is not None and dataclasses.is_dataclass(inner)):
+                nested.append((tp if dataclasses.is_dataclass(tp) else inner, f"{prefix}.{f.name}" if prefix else f.name, inner is not None))
+            default = "" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING else (
+                repr(f.default) if f.default is not dataclasses.MISSING else "")
+            lines.append(f"| `{f.name}` | {_type_name(tp).replace(' | ', ' or ')} | {default} | {f.metadata.get('help', '')} |")
+        lines.append("")
+        for sub, name, is_list in nested:
+            section(sub, name + ("[]" if is_list else ""))
+
+    section(Config, "")
+    lines += ["`training.parts.<vision|projector|llm>` take:", ""]
+    section(PartConfig, "training.parts.<part>")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe_keys())

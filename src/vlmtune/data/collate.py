@@ -102,6 +102,17 @@ class Encoder:
             pos += len(piece)
         return text, _merge(spans)
 
+    def render_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """Generation prompt rendered exactly like the training text up to an answer (earlier
+        answers keep the end-of-turn token `render_with_spans` inserts), plus the template's
+        generation prompt."""
+        history, _ = self.render_with_spans(messages)
+        plain = self.render(messages)
+        gen = self.render(messages, add_generation_prompt=True)
+        if not gen.startswith(plain):
+            return gen
+        return history + gen[len(plain):]
+
     def _process(self, texts: list[str], images: list[Any], **kw) -> Any:
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", **kw}
         if images:
@@ -134,7 +145,7 @@ class Encoder:
 
     def encode_prompts(self, samples: list[Sample], images: list[list[Any]]) -> Any:
         """A left-padded generation batch: each sample's conversation up to its answer."""
-        texts = [self.render(s.prompt_messages(), add_generation_prompt=True) for s in samples]
+        texts = [self.render_prompt(s.prompt_messages()) for s in samples]
         flat = [im for ims in images for im in ims]
         old = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"

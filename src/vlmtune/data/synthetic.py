@@ -16,7 +16,10 @@ from PIL import Image, ImageDraw
 
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 215, 40)}
 SHAPES = ("circle", "square", "triangle")
-QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is this?"}
+QUESTIONS = {
+    "color": ("What color is the shape?", "What is the colour of the object?", "Which color do you see?"),
+    "shape": ("What shape is this?", "Which shape is shown?"),
+}
 
 
 def draw(color: str, shape: str, size: int, rng: random.Random) -> Image.Image:
@@ -36,7 +39,8 @@ def draw(color: str, shape: str, size: int, rng: random.Random) -> Image.Image:
     return im
 
 
-def make_dataset(out_dir: str | Path, n_train: int = 320, n_val: int = 32, n_test: int = 48, image_size: int = 56, seed: int = 0) -> dict[str, Path]:
+def make_dataset(out_dir: str | Path, n_train: int = 320, n_val: int = 32, n_test: int = 48, image_size: int = 56, seed: int = 0,
+                 kinds: tuple[str, ...] = ("color", "shape")) -> dict[str, Path]:
     """Write images and `train.csv`/`val.csv` (url, instruction, response) and `test.csv`
     (url, query, annotation: seed 003's evaluation columns). Returns split -> CSV path."""
     out = Path(out_dir)
@@ -47,10 +51,10 @@ def make_dataset(out_dir: str | Path, n_train: int = 320, n_val: int = 32, n_tes
         rows = []
         for i in range(n):
             color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-            kind = rng.choice(list(QUESTIONS))
+            kind = rng.choice(kinds)
             rel = f"images/{split}_{i:04d}.png"
             draw(color, shape, image_size, rng).save(out / rel)
-            rows.append((rel, QUESTIONS[kind], color if kind == "color" else shape))
+            rows.append((rel, rng.choice(QUESTIONS[kind]), color if kind == "color" else shape))
         header = ("url", "query", "annotation") if split == "test" else ("url", "instruction", "response")
         p = out / f"{split}.csv"
         with open(p, "w", newline="", encoding="utf-8") as f:

@@ -13,7 +13,7 @@ from ..config import Config, LoraConfig, ModelConfig
 from ..data.sources import Sample, load_split
 from ..errors import UserError
 from ..eval.generate import GenerationSettings, evaluate_samples
-from ..train.sft import run_name, train_run
+from ..train.sft import check_precision, run_name, train_run
 
 log = logging.getLogger("vlmtune")
 
@@ -42,6 +42,8 @@ def eval_split(cfg: Config, splits: dict[str, Optional[list[Sample]]]) -> tuple[
 def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = None) -> list[dict[str, Any]]:
     """Train (and evaluate) the selected runs; returns one summary per run."""
     runs = select_runs(cfg, model, variant)
+    for i, m, _ in runs:  # refuse impossible precisions before anything loads or is written
+        check_precision(cfg, m, f"models[{i}]")
     splits = {s: load_split(cfg, s) for s in ("train", "val", "test")}
     results = []
     for k, (i, m, v) in enumerate(runs, start=1):

@@ -156,8 +156,8 @@ def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples
 
     name = run_name(mcfg, variant)
     run_dir = cfg.resolved_output_dir() / name
-    run_dir.mkdir(parents=True, exist_ok=True)
     check_precision(cfg, mcfg, where)
+    run_dir.mkdir(parents=True, exist_ok=True)
     resolved = cfg.to_dict()
     resolved["models"] = [dataclasses.asdict(mcfg)]
     resolved["lora_variants"] = [dataclasses.asdict(variant)]
