@@ -26,7 +26,7 @@ from vlmtune.models.processors import image_only
 @pytest.fixture(scope="module")
 def trained(shapes_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
-    cfg_path = write_config(tmp / "c.yaml", shapes_dir, tmp / "out")
+    cfg_path = write_config(tmp / "c.yaml", shapes_dir, tmp / "out", training={"eval_strategy": "steps", "eval_steps": 2})
     assert main(["train", str(cfg_path)]) == 0
     return cfg_path, tmp / "out" / "q__r8"
 
@@ -40,6 +40,7 @@ def test_run_tree(trained):
     assert not list(run.rglob("*.tmp")) and not list(run.glob(".*"))
     m = json.loads((run / "metrics.json").read_text())
     assert m["global_step"] == 4 and len(m["train_loss_history"]) == 4
+    assert [e["step"] for e in m["eval_loss_history"]] == [2, 4] and m["final_eval_loss"] > 0
     rep = json.loads((run / "parameter_report.json").read_text())
     assert rep["total_parameters"] == sum(v["total"] for v in rep["parts"].values()) > 0
     assert rep["parts"]["vision"]["trainable"] == 0 and rep["parts"]["llm"]["trainable"] > 0  # default mode llm

@@ -202,11 +202,6 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every parameter (tests compare before/after training)."""
-    return {strip_peft(n): p.detach().clone() for n, p in model.named_parameters() if ".lora_" not in n and ".modules_to_save." not in n}
-
-
 def estimate_trainable(model: nn.Module, parts: PartMap, family: Optional[Family], plan: Plan, lora: LoraConfig) -> dict[str, int]:
     """Trainable parameters per part if `plan` were applied (without applying it):
     full parts count whole, LoRA parts count r*(in+out) per target linear."""
