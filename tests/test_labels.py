@@ -82,3 +82,21 @@ def test_generation_prompt_matches_training_text_up_to_the_answer(encoder):
     assert full.startswith(prompt)
     assert full[len(prompt): spans[-1][0]].strip() == ""
     assert full[spans[-1][0]:].startswith("a small circle" + encoder.end_of_turn)
+
+
+def test_overlong_samples_are_skipped_and_counted_or_refused(encoder):
+    from vlmtune.data.collate import SFTDataset
+    from vlmtune.errors import UserError
+
+    long = Sample("long", [_msg("user", IMG, "What color? " * 40), _msg("assistant", "red")], images=[])
+    short_len = encoder.encode(SINGLE, [IMG]).n_tokens
+    samples = [Sample(s.id, s.messages, images=[]) for s in (SINGLE,)] + [long]
+    encoder_encode = encoder.encode
+    encoder.encode = lambda s, images=None: encoder_encode(s, [IMG])  # in-memory image for this test
+    try:
+        ds = SFTDataset(samples, encoder, max_length=short_len + 5, on_overlength="skip")
+        assert len(ds) == 1 and ds.skipped[0][0] == "long"
+        with pytest.raises(UserError, match="long: .* tokens .* > data.max_length"):
+            SFTDataset(samples, encoder, max_length=short_len + 5, on_overlength="error")
+    finally:
+        encoder.encode = encoder_encode
