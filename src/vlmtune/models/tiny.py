@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 TINY_PREFIX = "tiny:"
-TINY_VERSION = 1  # bump when a builder changes: cached models are keyed by it
+TINY_VERSION = 2  # bump when a builder changes: cached models are keyed by it
 
 QWEN_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
@@ -139,6 +139,12 @@ def _qwen_text_config(tok) -> dict:
     )
 
 
+def _qwen_vision_token_ids(tok) -> dict:
+    t = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+         "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+    return {k: tok.convert_tokens_to_ids(v) for k, v in t.items()}
+
+
 def build_qwen2_5_vl():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -149,11 +155,8 @@ def build_qwen2_5_vl():
             depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
         ),
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
         tie_word_embeddings=True,
+        **_qwen_vision_token_ids(tok),
     )
     return Qwen2_5_VLForConditionalGeneration(cfg), proc
 
@@ -165,11 +168,8 @@ def build_qwen2_vl():
     cfg = Qwen2VLConfig(
         text_config=_qwen_text_config(tok),
         vision_config=dict(depth=2, embed_dim=64, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
         tie_word_embeddings=True,
+        **_qwen_vision_token_ids(tok),
     )
     return Qwen2VLForConditionalGeneration(cfg), proc
 
