@@ -130,3 +130,23 @@ def test_lora_defaults_fill_variants(tmp_path):
     a, b = cfg.variants()
     assert (a.r, a.alpha, a.vision_target_modules, a.llm_target_modules) == (4, 8, ["qkv"], None)
     assert (b.r, b.alpha, b.llm_target_modules) == (8, 16, ["q_proj"])
+
+
+def test_model_type_aliases_resolve_against_the_checkpoint():
+    from vlmtune.models.families import find_family
+
+    assert find_family("qwen_vl", "qwen2_vl").name == "qwen2_vl"
+    assert find_family("qwen_vl", "qwen2_5_vl").name == "qwen2_5_vl"
+    assert find_family(None, "llava").name == "llava"
+    with pytest.raises(UserError, match="does not match the checkpoint"):
+        find_family("llava", "qwen2_5_vl")
+    with pytest.raises(UserError, match="unknown model_type 'lava'"):
+        find_family("lava", "llava")
+
+
+def test_set_overrides_merge_into_nested_sections(tmp_path):
+    p = _write(tmp_path, "data: {train_csv: t.csv}\nmodels: [{name: m, hf_model_id: x}]\ntraining: {seed: 7, learning_rate: 1e-3}\n")
+    cfg = load_config(p, overrides={"training": {"max_steps": 5}})
+    assert (cfg.training.seed, cfg.training.max_steps, cfg.training.learning_rate) == (7, 5, 1e-3)
+    with pytest.raises(UserError, match=r"\(with --set\): training.max_step.*max_steps"):
+        load_config(p, overrides={"training": {"max_step": 5}})

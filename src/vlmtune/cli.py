@@ -55,25 +55,11 @@ def _parse_set(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_cli_config(path: str, sets: Optional[list[str]] = None):
-    """Load a config file, applying `--set` overrides before validation."""
-    import yaml
-    from pathlib import Path
+    """Load a config file with `--set` overrides merged in before validation."""
+    from .config import load_config
 
-    from .config import config_from_dict, load_config
-
-    if not sets:
-        return load_config(path)
-    cfg = load_config(path)  # validates the file itself first, with file-relative errors
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    return config_from_dict(_deep_merge(raw, _parse_set(sets)), f"{path} (with --set)", cfg.config_dir)
+    return load_config(path, overrides=_parse_set(sets) if sets else None)
 
 
 def _slug(model_id: str) -> str:
@@ -82,7 +68,7 @@ def _slug(model_id: str) -> str:
 
 def quick_config(args: argparse.Namespace):
     """The seed 002 quick form: `--dataset data.jsonl --model-id ID --mode llm`."""
-    from .config import TRAINING_MODES, config_from_dict
+    from .config import TRAINING_MODES, config_from_dict, deep_merge
 
     mode = args.mode or os.environ.get("TRAINING_MODE") or "llm"
     if mode not in TRAINING_MODES:
@@ -97,7 +83,7 @@ def quick_config(args: argparse.Namespace):
         "training": {"training_mode": mode},
     }
     if args.set:
-        raw = _deep_merge(raw, _parse_set(args.set))
+        raw = deep_merge(raw, _parse_set(args.set))
     return config_from_dict(raw, "command line")
 
 

@@ -227,14 +227,13 @@ def _coerce(value: Any, tp: Any, path: str, src: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, path, src)
-            except UserError as e:
-                errors.append(e)
+            except UserError:
+                pass
         raise UserError(f"{src}: {path}", f"expected {_type_name(tp)}, got {value!r}", f"set {path} to {_type_name(tp)}")
     if value is None:
         raise UserError(f"{src}: {path}", f"expected {_type_name(tp)}, got null", f"set {path} or remove the key to use its default")
@@ -387,10 +386,19 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
     except UnicodeDecodeError as e:
         raise UserError(src, f"not UTF-8 text (byte {e.start})", "save the file as UTF-8") from None
     if overrides:
-        raw = {**(raw or {}), **overrides}
+        raw = deep_merge(raw or {}, overrides)
+        src = f"{src} (with --set)"
     cfg = from_dict(Config, raw, "", src)
     cfg.config_dir = str(p.resolve().parent)
     return validate(cfg, src)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, merging nested mappings key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def config_from_dict(raw: dict[str, Any], src: str = "config", config_dir: Optional[str] = None) -> Config:

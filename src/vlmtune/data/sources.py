@@ -119,12 +119,11 @@ def resolve_data_path(path: str, config_dir: Optional[str], where: str) -> Path:
 
 def read_csv(path: Path, data: DataConfig, resolve: ImageResolver) -> list[Sample]:
     samples = []
+    raw = path.read_bytes()
     try:
-        f = open(path, encoding="utf-8", newline="")
-        text = f.read()
-        f.close()
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = text_line_of_byte(path, e.start)
+        line = raw[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}", f"not UTF-8 text (byte offset {e.start})", "re-save the file as UTF-8") from None
     reader = csv.DictReader(text.splitlines(keepends=True))
     cols = reader.fieldnames or []
@@ -156,11 +155,6 @@ def read_csv(path: Path, data: DataConfig, resolve: ImageResolver) -> list[Sampl
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": vals[resp_col]}]})
         samples.append(Sample(id=f"{path.name}:{line}", messages=msgs, images=[image]))
     return samples
-
-
-def text_line_of_byte(path: Path, offset: int) -> int:
-    with open(path, "rb") as f:
-        return f.read(offset).count(b"\n") + 1
 
 
 def _normalise_record(rec: Any, where: str, sample_id: str, resolve: ImageResolver, system_message: Optional[str]) -> Sample:

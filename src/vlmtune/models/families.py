@@ -98,7 +98,7 @@ _register(
     Family(
         name="qwen2_vl",
         hf_model_types=("qwen2_vl",),
-        aliases=("qwen2-vl",),
+        aliases=("qwen_vl", "qwen2-vl"),
         parts={"vision": ("model.visual",), "projector": ("model.visual.merger",), "llm": ("model.language_model", "lm_head")},
         lora_targets={"vision": ("qkv", "proj", "fc1", "fc2"), "projector": None, "llm": LLM_TARGETS},
         end_of_turn="<|im_end|>",
@@ -137,14 +137,15 @@ def find_family(model_type: Optional[str], hf_model_type: Optional[str], where: 
     if model_type is None:
         return by_hf
     key = model_type.lower()
-    by_user = FAMILIES.get(key) or next((f for f in FAMILIES.values() if key in f.aliases or key in f.hf_model_types), None)
-    if by_user is None and key not in ("generic", "auto"):
+    # An alias may cover several families (seed 003's `qwen_vl` = Qwen2-VL and Qwen2.5-VL).
+    named = [f for f in FAMILIES.values() if key == f.name or key in f.aliases or key in f.hf_model_types]
+    if not named and key not in ("generic", "auto"):
         raise UserError(where, f"unknown model_type {model_type!r}", f"use one of {', '.join(family_names())}, 'generic', or leave it out to derive it from the model")
-    if by_hf is not None and by_user is not None and by_user is not by_hf:
-        # `qwen_vl` covers Qwen2-VL and Qwen2.5-VL alike (seed 003): trust the checkpoint.
-        if not (key == "qwen_vl" and by_hf.name in ("qwen2_vl", "qwen2_5_vl")):
+    if by_hf is not None:
+        if named and by_hf not in named:
             raise UserError(where, f"{model_type!r} does not match the checkpoint's model_type {hf_model_type!r}", f"set model_type: {by_hf.name} or leave it out")
-    return by_hf or by_user
+        return by_hf
+    return named[0] if named else None
 
 
 # ------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def load_model(
         except ImportError:
             raise UserError(f"{where}.load_in_4bit", "bitsandbytes is not installed", "pip install 'vlmtune[quant]'") from None
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             llm_int8_skip_modules=["lm_head", "multi_modal_projector", "merger", "visual", "vision_tower"],
         )
         kwargs["device_map"] = device_map or ("auto" if torch.cuda.is_available() else "cpu")
