@@ -117,3 +117,26 @@ def test_non_utf8_csv_reports_byte_offset(folder):
     p.write_bytes(b"url,instruction,response\nimg/a.png,caf\xe9,red\n")
     with pytest.raises(UserError, match=r"latin.csv:2: not UTF-8 text \(byte offset 38\)"):
         read_csv(p, DataConfig(), ImageResolver(p, None, None))
+
+
+def test_several_reference_answers_from_csv_and_jsonl(folder):
+    import csv as _csv_mod
+
+    d = DataConfig()
+    p = folder / "eval.csv"
+    with open(p, "w", newline="") as f:
+        w = _csv_mod.writer(f)
+        w.writerows([("url", "query", "annotation"), ("img/a.png", "How many?", '["two", "2"]'), ("img/b.png", "List?", "[not json]"),
+                     ("img/b.png", "Bad?", "[1, 2]")])
+    with pytest.raises(UserError) as e:
+        read_csv(p, d, ImageResolver(p, None, None))
+    assert e.value.line().startswith(f"{p}:4: annotation") and "non-empty strings" in e.value.line()
+    rows = p.read_text().splitlines()[:3]
+    p.write_text("\n".join(rows) + "\n")
+    a, b = read_csv(p, d, ImageResolver(p, None, None))
+    assert a.response == "two" and a.references == ["two", "2"]  # first answer is the training target
+    assert b.references == ["[not json]"]  # looks like a list, is a literal answer
+    j = _jsonl(folder / "e.jsonl", [{"messages": [{"role": "user", "content": "<image>How many?"}, {"role": "assistant", "content": "two"}],
+                                      "images": ["img/a.png"], "references": ["2", "two", "a pair"]}])
+    [s] = read_jsonl(j, d, ImageResolver(j, None, None))
+    assert s.references == ["two", "2", "a pair"]

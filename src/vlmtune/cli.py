@@ -5,6 +5,9 @@
     vlmtune train --dataset data.jsonl --model-id ID [--mode llm|vision|both|projector]
     vlmtune inspect MODEL_ID [--model-type T]
     vlmtune preview CONFIG.yaml [--n N] [--json]
+    vlmtune evaluate --run RUN_DIR --csv test.csv [--output-dir DIR]
+    vlmtune evaluate --model-id ID [--lora-path P] [--model-type T] --csv test.csv
+    vlmtune score predictions.jsonl [--metrics a,b,c] [--output F.json]
 
 User errors print one line and exit 1; `--debug` shows the traceback.
 """
@@ -181,6 +184,60 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metric_list(raw: Optional[str]) -> Optional[list[str]]:
+    if not raw:
+        return None
+    from .eval.metrics import check_names
+
+    return check_names([m.strip() for m in raw.split(",") if m.strip()], "--metrics")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .eval import standalone as S
+    from .eval.generate import PromptStyle, evaluate_samples
+
+    if bool(args.run) == bool(args.model_id):
+        raise UserError("evaluate", "give exactly one of --run RUN_DIR or --model-id ID", "e.g. vlmtune evaluate --run results/exp/model__lora_r16 --csv test.csv")
+    if bool(args.csv) == bool(args.jsonl):
+        raise UserError("evaluate", "give exactly one of --csv or --jsonl", "e.g. --csv data/test.csv (columns url, query, annotation)")
+    if args.run and args.lora_path:
+        raise UserError("--lora-path", "a run already names its adapter", "drop --lora-path (or use --model-id with --lora-path)")
+    metrics = _metric_list(args.metrics)
+    style = PromptStyle(args.prompt_template.replace("\\n", "\n") if args.prompt_template else None, args.system_message)
+    data_file = args.csv or args.jsonl
+    samples = S.load_eval_samples(data_file, S.eval_data_config(args.image_column, args.query_column, args.annotation_column, args.image_root),
+                                  "--csv" if args.csv else "--jsonl")
+    if args.limit:
+        samples = samples[: args.limit]
+    if args.run:
+        run_dir = S.find_run_dir(args.run)
+        em = S.load_run(run_dir, args.weights)
+        out = Path(args.output_dir) if args.output_dir else run_dir / "eval" / Path(data_file).stem
+    else:
+        em = S.load_model_id(args.model_id, args.lora_path, args.model_type, args.dtype, args.trust_remote_code, args.min_pixels, args.max_pixels)
+        out = Path(args.output_dir) if args.output_dir else Path("results") / "evaluate" / _slug(args.model_id) / Path(data_file).stem
+    rc = em.run_config
+    settings = S.settings_from(rc, {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": args.do_sample or None,
+                                    "temperature": args.temperature, "top_p": args.top_p})
+    batch_size = args.batch_size or (rc and (rc.evaluation.batch_size or rc.training.per_device_eval_batch_size)) or 8
+    metrics = metrics or (rc.evaluation.metrics if rc else None)
+    result = evaluate_samples(em.model, em.encoder, samples, out, batch_size, settings, metrics, style, em.desc)
+    print(f"{result['n_samples']} samples -> {out}/predictions.jsonl, {out}/generation_metrics.json")
+    print(S.format_scores(result))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .eval import standalone as S
+
+    result = S.score_file(args.predictions, _metric_list(args.metrics), args.output, args.tokenizer)
+    print(f"{result['n_samples']} samples from {args.predictions}" + (f" -> {args.output}" if args.output else ""))
+    print(S.format_scores(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmtune", description="Fine-tune and evaluate vision-language models from one YAML file.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
@@ -217,6 +274,45 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", default="train", choices=["train", "val", "test"])
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(func=cmd_preview)
+
+    e = sub.add_parser("evaluate", help="generate on a test set and score it (a finished run, or any model)")
+    src = e.add_argument_group("what to evaluate (one of)")
+    src.add_argument("--run", help="a run directory written by `vlmtune train` (or its name under results/*/)")
+    src.add_argument("--model-id", help="hub id, local directory or tiny:<family>")
+    src.add_argument("--lora-path", help="with --model-id: a LoRA adapter folder to merge in")
+    src.add_argument("--model-type", help="with --model-id: family (derived from the model when omitted)")
+    src.add_argument("--weights", choices=["auto", "final", "adapter"], default="auto", help="with --run: final/ (merged) or lora_adapter/ on the base (default: final/ when present)")
+    src.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="with --model-id: weight dtype")
+    src.add_argument("--trust-remote-code", action="store_true")
+    src.add_argument("--min-pixels", type=int, help="with --model-id: Qwen-VL resolution bounds")
+    src.add_argument("--max-pixels", type=int)
+    data = e.add_argument_group("data")
+    data.add_argument("--csv", help="evaluation CSV (columns url, query, annotation; annotation may be a JSON list of answers)")
+    data.add_argument("--jsonl", help="evaluation JSONL (messages/conversations records; optional references list)")
+    data.add_argument("--image-column", default="url")
+    data.add_argument("--query-column", help="default: query (or instruction)")
+    data.add_argument("--annotation-column", help="default: annotation (or response)")
+    data.add_argument("--image-root", help="folder relative image paths resolve against")
+    data.add_argument("--limit", type=int, help="only the first N samples")
+    gen = e.add_argument_group("generation")
+    gen.add_argument("--batch-size", type=int, help="default: the run's evaluation batch size, else 8")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--num-beams", type=int)
+    gen.add_argument("--do-sample", action="store_true")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--prompt-template", help='plain prompt instead of the chat template, e.g. "Question: {query}\\nAnswer:"')
+    gen.add_argument("--system-message", help="system message before each conversation")
+    e.add_argument("--metrics", help="comma-separated metric names (default: exact_match,bleu4,meteor,rouge_l,cider,token_stats)")
+    e.add_argument("--output-dir", help="default: RUN_DIR/eval/<data file> or results/evaluate/<model>/<data file>")
+    e.set_defaults(func=cmd_evaluate)
+
+    sc = sub.add_parser("score", help="recompute metrics from a predictions.jsonl (no model needed)")
+    sc.add_argument("predictions")
+    sc.add_argument("--metrics", help="comma-separated metric names")
+    sc.add_argument("--output", help="write the metrics JSON here")
+    sc.add_argument("--tokenizer", help="model id or folder whose tokenizer counts tokens for token_stats")
+    sc.set_defaults(func=cmd_score)
     return p
 
 

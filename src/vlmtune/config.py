@@ -157,7 +157,7 @@ class EvaluationConfig:
     split: Literal["test", "val"] = _f("test", "Which split to generate on (test falls back to val when absent).")
     max_samples: Optional[int] = _f(None, "Evaluate only the first N samples.")
     batch_size: Optional[int] = _f(None, "Generation batch size; default training.per_device_eval_batch_size.")
-    metrics: Optional[list[str]] = _f(None, "Metric names; default exact_match.")
+    metrics: Optional[list[str]] = _f(None, "Metric names (exact_match, exact_match_normalized, bleu4, rouge_l, meteor, cider, coco, vqa_accuracy, anls, relaxed_accuracy, cer, wer, token_stats); default exact_match, bleu4, meteor, rouge_l, cider, token_stats.")
 
 
 @dataclass

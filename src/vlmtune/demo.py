@@ -74,7 +74,8 @@ def run_demo(out_dir: str | Path = "results/demo") -> dict[str, Any]:
     test = load_split(cfg, "test")
     lm = load_model(cfg.models[0], cfg.visual_encoder_settings)
     gen = GenerationSettings.from_training(cfg.training)
-    before = evaluate_samples(lm.model, Encoder(lm.processor, lm.family), test, out / "before", cfg.evaluation.batch_size, gen)
+    before = evaluate_samples(lm.model, Encoder(lm.processor, lm.family), test, out / "before", cfg.evaluation.batch_size, gen,
+                              model_desc=f"{cfg.models[0].hf_model_id} (untrained)")
     del lm
 
     results = run_grid(cfg)

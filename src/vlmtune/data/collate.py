@@ -143,9 +143,9 @@ class Encoder:
         n_img = int((input_ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
         return Encoded(features=feats, n_image_tokens=n_img)
 
-    def encode_prompts(self, samples: list[Sample], images: list[list[Any]]) -> Any:
-        """A left-padded generation batch: each sample's conversation up to its answer."""
-        texts = [self.render_prompt(s.prompt_messages()) for s in samples]
+    def encode_prompts(self, texts: list[str], images: list[list[Any]]) -> Any:
+        """A left-padded generation batch: prompt texts (see eval.generate.build_prompt) with
+        each sample's images, processed once. input_ids/attention_mask: [batch, max_prompt]."""
         flat = [im for ims in images for im in ims]
         old = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"

@@ -9,7 +9,9 @@ with `images[i]` the path of the i-th `{"type": "image"}` part.
 
 Accepted JSONL records: `messages` (OpenAI/TRL style; string content with `<image>`
 placeholders, or typed content parts) or `conversations` (LLaVA/ShareGPT: `from`/`value`),
-with `images` (list) or `image` (one path). Multi-turn is fine.
+with `images` (list) or `image` (one path). Multi-turn is fine. An optional `references`
+list adds acceptable answers for evaluation; in a CSV, a response/annotation cell holding a
+JSON list of strings does the same (the first is the training target).
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ class Sample:
     """`file:line` of the row: errors and predictions point back to it."""
     messages: list[dict[str, Any]]
     images: list[str] = field(default_factory=list)
+    extra_references: list[str] = field(default_factory=list)
+    """Further acceptable answers for evaluation (an `annotation` cell holding a JSON list,
+    a JSONL `references` field); the first answer is always the last assistant turn."""
+
+    @property
+    def references(self) -> list[str]:
+        """Every reference answer for evaluation: [response, *extra_references]."""
+        return [self.response, *self.extra_references]
 
     @property
     def response(self) -> str:
@@ -148,13 +158,31 @@ def read_csv(path: Path, data: DataConfig, resolve: ImageResolver) -> list[Sampl
                 raise UserError(f"{where}: {col}", "empty", "fill it in or remove the row")
             vals[col] = v
         image = resolve(vals[image_col].strip(), f"{where}: {image_col}")
+        answers = _answer_list(vals[resp_col], f"{where}: {resp_col}")
         msgs = []
         if data.system_message:
             msgs.append({"role": "system", "content": [{"type": "text", "text": data.system_message}]})
         msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": vals[instr_col]}]})
-        msgs.append({"role": "assistant", "content": [{"type": "text", "text": vals[resp_col]}]})
-        samples.append(Sample(id=f"{path.name}:{line}", messages=msgs, images=[image]))
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": answers[0]}]})
+        samples.append(Sample(id=f"{path.name}:{line}", messages=msgs, images=[image], extra_references=answers[1:]))
     return samples
+
+
+def _answer_list(cell: str, where: str) -> list[str]:
+    """A response/annotation cell: plain text, or a JSON list of reference answers
+    (`["two", "2"]`) for evaluation sets with several acceptable answers."""
+    text = cell.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            val = json.loads(text)
+        except json.JSONDecodeError:
+            return [cell]  # a literal answer that happens to look like a list
+        if isinstance(val, list) and val and all(isinstance(v, str) for v in val):
+            if not any(v.strip() for v in val):
+                raise UserError(where, "every answer in the list is empty", "fill in at least one answer")
+            return val
+        raise UserError(where, "a JSON list of answers must hold non-empty strings", 'write e.g. ["two", "2"]')
+    return [cell]
 
 
 def _normalise_record(rec: Any, where: str, sample_id: str, resolve: ImageResolver, system_message: Optional[str]) -> Sample:
@@ -229,7 +257,12 @@ def _normalise_record(rec: Any, where: str, sample_id: str, resolve: ImageResolv
     resolved = [resolve(str(im), f"{where}: images[{k}]") for k, im in enumerate(images)]
     if system_message and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_message}]})
-    return Sample(id=str(rec.get("id", sample_id)), messages=messages, images=resolved)
+    extra = rec.get("references", [])
+    if isinstance(extra, str):
+        extra = [extra]
+    if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
+        raise UserError(f"{where}: references", "must be a list of strings", 'write "references": ["two", "2"]')
+    return Sample(id=str(rec.get("id", sample_id)), messages=messages, images=resolved, extra_references=[x for x in extra if x != message_text(messages[-1])])
 
 
 def read_jsonl(path: Path, data: DataConfig, resolve: ImageResolver) -> list[Sample]:

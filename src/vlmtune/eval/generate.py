@@ -1,9 +1,27 @@
-"""Batched generation: left-padded prompts, greedy by default, images processed once per sample."""
+"""Batched generation and evaluation: left-padded prompts, greedy by default, images processed
+once per sample, predictions written as they are made so an interrupted evaluation resumes.
+
+    build_prompt -> Encoder.encode_prompts -> model.generate -> PredictionLog -> metrics.compute
+
+Files in the output directory:
+- `predictions.jsonl`: one line per sample, in data order: id, image, query, prediction,
+  references, n_prompt_tokens, n_generated_tokens. Appended (and fsynced) one batch at a
+  time; on restart the complete lines whose ids match the data are kept and only the rest
+  is generated.
+- `predictions.meta.json`: what produced them (model, generation settings, prompt, sample
+  ids). A restart with anything different moves the old predictions aside instead of
+  mixing them with new ones.
+- `generation_metrics.json`: every metric with its interval (written once, atomically).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -13,8 +31,10 @@ from ..config import TrainingConfig
 from ..data.collate import Encoder
 from ..data.images import load_image
 from ..data.sources import Sample
-from ..io import atomic_write_json, atomic_write_text
+from ..errors import UserError
+from ..io import atomic_write_json, read_json
 from . import metrics as M
+from .bootstrap import Bootstrap
 
 log = logging.getLogger("vlmtune")
 
@@ -42,45 +62,187 @@ class GenerationSettings:
         return kw
 
 
+@dataclass
+class PromptStyle:
+    """How a sample becomes a prompt: the model's chat template (default), or a plain
+    template such as BLIP-2's "Question: {query} Answer:" with the image(s) in front."""
+
+    template: Optional[str] = None
+    system_message: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.template is not None and "{query}" not in self.template:
+            raise UserError("--prompt-template", f"{self.template!r} has no {{query}} placeholder", 'write e.g. "Question: {query}\\nAnswer:"')
+
+
+def image_markup(encoder: Encoder) -> str:
+    """Text that stands for one image in a plain prompt (the processor expands it)."""
+    if encoder.family is not None and encoder.family.image_markup:
+        return encoder.family.image_markup
+    token = getattr(encoder.processor, "image_token", None)
+    if not token:
+        raise UserError("--prompt-template", f"{type(encoder.processor).__name__} names no image token", "drop --prompt-template to use the chat template")
+    return token
+
+
+def build_prompt(encoder: Encoder, sample: Sample, style: PromptStyle) -> str:
+    """The text the model continues: the conversation up to the final answer."""
+    if style.template is not None:
+        text = style.template.replace("{query}", sample.query)
+        head = f"{style.system_message}\n" if style.system_message else ""
+        return head + image_markup(encoder) * len(sample.images) + text
+    msgs = sample.prompt_messages()
+    if style.system_message and not (msgs and msgs[0]["role"] == "system"):
+        msgs = [{"role": "system", "content": [{"type": "text", "text": style.system_message}]}, *msgs]
+    return encoder.render_prompt(msgs)
+
+
 def _batches(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
+def _end_token_ids(encoder: Encoder) -> list[int]:
+    tok = encoder.tokenizer
+    ids = {tok.eos_token_id}
+    if encoder.end_of_turn:
+        eot = tok.convert_tokens_to_ids(encoder.end_of_turn)
+        if eot != tok.unk_token_id:
+            ids.add(eot)
+    return sorted(i for i in ids if i is not None)
+
+
 @torch.no_grad()
-def generate(model: torch.nn.Module, encoder: Encoder, samples: list[Sample], batch_size: int, settings: GenerationSettings) -> list[dict[str, Any]]:
-    """One record per sample: id, image, query, prediction, references, token counts."""
+def generate_batches(model: torch.nn.Module, encoder: Encoder, samples: list[Sample], batch_size: int, settings: GenerationSettings,
+                     style: Optional[PromptStyle] = None) -> Iterable[list[dict[str, Any]]]:
+    """Yields one list of prediction records per batch, in data order."""
+    style = style or PromptStyle()
     model.eval()
     tok = encoder.tokenizer
     device = next(model.parameters()).device
-    eos = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids(encoder.end_of_turn) if encoder.end_of_turn else None} if t is not None]
-    out = []
+    eos = _end_token_ids(encoder)
     for batch in _batches(samples, max(1, batch_size)):
         images = [[load_image(p, f"{s.id}: image") for p in s.images] for s in batch]
-        inputs = encoder.encode_prompts(batch, images).to(device)
+        inputs = encoder.encode_prompts([build_prompt(encoder, s, style) for s in batch], images).to(device)
         gen = model.generate(**inputs, **settings.kwargs(), eos_token_id=eos, pad_token_id=tok.pad_token_id)
         prompt_len = inputs["input_ids"].shape[1]
+        records = []
         for s, row, mask in zip(batch, gen[:, prompt_len:], inputs["attention_mask"]):
-            # Count generated tokens up to (and including) the first end token.
+            # Generated tokens up to and including the first end token (the rest is padding).
             ids = row.tolist()
             n = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
-            pred = tok.decode(ids[:n], skip_special_tokens=True).strip()
-            out.append({
-                "id": s.id, "image": s.images[0] if s.images else None, "query": s.query, "prediction": pred,
-                "references": [s.response], "n_prompt_tokens": int(mask.sum()), "n_generated_tokens": n,
+            records.append({
+                "id": s.id, "image": s.images[0] if s.images else None, "query": s.query,
+                "prediction": tok.decode(ids[:n], skip_special_tokens=True).strip(),
+                "references": s.references, "n_prompt_tokens": int(mask.sum()), "n_generated_tokens": n,
             })
-    return out
+        yield records
+
+
+def generate(model: torch.nn.Module, encoder: Encoder, samples: list[Sample], batch_size: int, settings: GenerationSettings,
+             style: Optional[PromptStyle] = None) -> list[dict[str, Any]]:
+    """One record per sample (see module docstring), in memory."""
+    return [r for batch in generate_batches(model, encoder, samples, batch_size, settings, style) for r in batch]
+
+
+class PredictionLog:
+    """`predictions.jsonl` in `out_dir`, appended batch by batch and resumable."""
+
+    def __init__(self, out_dir: Path, fingerprint: dict[str, Any]):
+        self.path = out_dir / "predictions.jsonl"
+        self.meta_path = out_dir / "predictions.meta.json"
+        self.fingerprint = fingerprint
+
+    def resume(self, samples: list[Sample]) -> list[dict[str, Any]]:
+        """Records already written for a prefix of `samples` (the file is cut to them)."""
+        if not self.path.exists():
+            self._write_meta()
+            return []
+        meta = read_json(self.meta_path) if self.meta_path.exists() else None
+        if not meta or meta.get("fingerprint") != self.fingerprint:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = self.path.with_name(f"predictions.{stamp}.jsonl")
+            os.replace(self.path, aside)
+            if self.meta_path.exists():
+                os.replace(self.meta_path, aside.with_suffix(".meta.json"))
+            log.warning("%s came from a different model, prompt, data or generation settings: moved to %s; generating afresh", self.path, aside.name)
+            self._write_meta()
+            return []
+        done: list[dict[str, Any]] = []
+        keep = 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n") or len(done) >= len(samples):
+                    break  # a line cut by a kill, or more lines than samples
+                try:
+                    rec = json.loads(raw)
+                except json.JSONDecodeError:
+                    break
+                if not isinstance(rec, dict) or rec.get("id") != samples[len(done)].id:
+                    break
+                done.append(rec)
+                keep += len(raw)
+        with open(self.path, "r+b") as f:
+            f.truncate(keep)
+        return done
+
+    def _write_meta(self) -> None:
+        atomic_write_json(self.meta_path, {"fingerprint": self.fingerprint})
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def describe_weights(path: str | os.PathLike) -> str:
+    """A model directory named with its weight files' sizes and modification times: a retrained
+    run gets a different description, so its old predictions are not reused."""
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    return f"{p}" + "".join(f" {f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+
+
+def fingerprint(model_desc: str, samples: list[Sample], settings: GenerationSettings, style: PromptStyle) -> dict[str, Any]:
+    ids = hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()[:16]
+    return {"model": model_desc, "generation": settings.kwargs(), "prompt": asdict(style), "n_samples": len(samples), "sample_ids_sha256": ids}
+
+
+def score_records(records: list[dict[str, Any]], metric_names: Optional[list[str]] = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Metrics of prediction records (see metrics.compute) plus the sample count and bootstrap."""
+    bootstrap = Bootstrap()
+    scores = M.compute(metric_names or M.DEFAULT_METRICS, [r["prediction"] for r in records], [r["references"] for r in records],
+                       tokenizer=tokenizer, bootstrap=bootstrap)
+    return {**scores, "n_samples": len(records), "bootstrap": bootstrap.describe()}
 
 
 def evaluate_samples(model: torch.nn.Module, encoder: Encoder, samples: list[Sample], out_dir: Optional[Path], batch_size: int,
-                     settings: GenerationSettings, metric_names: Optional[list[str]] = None) -> dict[str, Any]:
-    """Generate, score, and (when `out_dir` is given) write predictions.jsonl and generation_metrics.json."""
-    import json
-
-    records = generate(model, encoder, samples, batch_size, settings)
-    scores = M.compute(metric_names or M.DEFAULT_METRICS, [r["prediction"] for r in records], [r["references"] for r in records])
-    result = {**scores, "n_samples": len(records), "generation": settings.kwargs()}
+                     settings: GenerationSettings, metric_names: Optional[list[str]] = None, style: Optional[PromptStyle] = None,
+                     model_desc: str = "") -> dict[str, Any]:
+    """Generate (resuming from `out_dir/predictions.jsonl`), score, write generation_metrics.json."""
+    style = style or PromptStyle()
+    names = M.check_names(metric_names or M.DEFAULT_METRICS)
+    records: list[dict[str, Any]] = []
+    plog = None
     if out_dir is not None:
-        atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plog = PredictionLog(out_dir, fingerprint(model_desc, samples, settings, style))
+        records = plog.resume(samples)
+        if records:
+            log.info("%s: %d of %d samples already generated; generating the other %d", plog.path, len(records), len(samples), len(samples) - len(records))
+    t0 = time.time()
+    todo = samples[len(records):]
+    for batch in generate_batches(model, encoder, todo, batch_size, settings, style):
+        if plog is not None:
+            plog.append(batch)
+        records.extend(batch)
+    gen_seconds = time.time() - t0
+    result = score_records(records, names, encoder.tokenizer)
+    result.update({
+        "generation": settings.kwargs(), "prompt": asdict(style), "batch_size": batch_size,
+        "generated_this_session": len(todo), "generation_seconds": gen_seconds,
+    })
+    if out_dir is not None:
         atomic_write_json(out_dir / "generation_metrics.json", result)
     return result

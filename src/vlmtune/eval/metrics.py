@@ -197,7 +197,11 @@ def _task(fn_name: str) -> Callable[[Inputs], dict[str, Any]]:
     def run(inp: Inputs) -> dict[str, Any]:
         from . import task_metrics
 
-        return inp.mean_entry(getattr(task_metrics, fn_name)(inp.predictions, inp.references))
+        out = inp.mean_entry(getattr(task_metrics, fn_name)(inp.predictions, inp.references))
+        single = sum(len(r) < 2 for r in inp.references)
+        if fn_name == "vqa_accuracy_per_sample" and single:
+            out["note"] = f"{single} samples have a single answer and score 0 by definition (leave-one-out over annotators); use exact_match_normalized for single-answer data"
+        return out
 
     return run
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from ..config import Config, LoraConfig, ModelConfig
 from ..data.sources import Sample, load_split
 from ..errors import UserError
-from ..eval.generate import GenerationSettings, evaluate_samples
+from ..eval.generate import GenerationSettings, describe_weights, evaluate_samples
 from ..train.sft import check_precision, run_name, train_run
 
 log = logging.getLogger("vlmtune")
@@ -44,6 +44,10 @@ def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = 
     runs = select_runs(cfg, model, variant)
     for i, m, _ in runs:  # refuse impossible precisions before anything loads or is written
         check_precision(cfg, m, f"models[{i}]")
+    if cfg.evaluation.metrics:
+        from ..eval.metrics import check_names
+
+        check_names(cfg.evaluation.metrics, "evaluation.metrics")
     splits = {s: load_split(cfg, s) for s in ("train", "val", "test")}
     results = []
     for k, (i, m, v) in enumerate(runs, start=1):
@@ -53,9 +57,11 @@ def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = 
         split, samples = eval_split(cfg, splits)
         if cfg.evaluation.enabled and samples:
             bs = cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size
+            run_dir = Path(res["run_dir"])
             summary["generation_metrics"] = evaluate_samples(
-                res["model"], res["encoder"], samples, Path(res["run_dir"]), bs,
+                res["model"], res["encoder"], samples, run_dir, bs,
                 GenerationSettings.from_training(cfg.training), cfg.evaluation.metrics,
+                model_desc=describe_weights(run_dir / "final"),
             )
             summary["eval_split"] = split
         results.append(summary)

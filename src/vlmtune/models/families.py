@@ -61,6 +61,9 @@ class Family:
     """Qwen-style min_pixels/max_pixels bounds apply."""
     never_trained: tuple[str, ...] = field(default_factory=tuple)
     """Parameter-name prefixes that never get a gradient (DDP needs them frozen)."""
+    image_markup: Optional[str] = None
+    """Text that places one image in a plain prompt (`--prompt-template`, no chat template);
+    None = the processor's `image_token`."""
 
     def image_processor_kwargs(self, min_pixels: Optional[int], max_pixels: Optional[int]) -> dict:
         """Keyword arguments for the image processor (bounded resolution by default)."""
@@ -92,6 +95,7 @@ _register(
         processor_class=_qwen2_5_vl_processor,
         needs_video_processor=True,
         dynamic_resolution=True,
+        image_markup="<|vision_start|><|image_pad|><|vision_end|>",
     )
 )
 _register(
@@ -105,6 +109,7 @@ _register(
         processor_class=_qwen2_vl_processor,
         needs_video_processor=True,
         dynamic_resolution=True,
+        image_markup="<|vision_start|><|image_pad|><|vision_end|>",
     )
 )
 _register(
@@ -119,6 +124,7 @@ _register(
         # LLaVA reads features from the penultimate CLIP layer (vision_feature_layer=-2), so the
         # last layer's post_layernorm never gets a gradient.
         never_trained=("model.vision_tower.vision_model.post_layernorm",),
+        image_markup="<image>\n",
     )
 )
 
