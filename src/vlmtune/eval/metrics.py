@@ -112,7 +112,10 @@ def _bleu4(inp: Inputs) -> dict[str, Any]:
     def aggregate(sums: np.ndarray, n: int) -> np.ndarray:
         return np.array([bleu._compute_score_from_stats(row.tolist()).score for row in sums])
 
-    return {"value": float(score.score), "ci95": inp.bootstrap.ci95(stats, aggregate), "signature": str(bleu.get_signature())}
+    out = {"value": float(score.score), "ci95": inp.bootstrap.ci95(stats, aggregate), "signature": str(bleu.get_signature())}
+    if score.sys_len and score.totals[3] == 0:
+        out["note"] = "no prediction has 4 tokens, so corpus BLEU-4 is 0 by definition; for short answers read exact_match or rouge_l"
+    return out
 
 
 # --------------------------------------------------------------------------------------
