@@ -174,6 +174,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
             "n_image_tokens": e.n_image_tokens,
             "n_supervised_tokens": e.n_supervised,
             "supervised_text": enc.supervised_text(e),
+            "supervised_segments": enc.supervised_segments(e),
         }
         if args.json:
             print(json.dumps(row, ensure_ascii=False))

@@ -158,6 +158,21 @@ class Encoder:
         ids = enc.features["input_ids"]
         return self.tokenizer.decode(ids[enc.features["labels"] != IGNORE_INDEX].tolist(), skip_special_tokens=False)
 
+    def supervised_segments(self, enc: Encoded) -> list[str]:
+        """Each contiguous run of supervised tokens decoded: one per assistant turn (a token
+        that carries the space before an answer, like BPE's " red", keeps that space)."""
+        ids, labels = enc.features["input_ids"].tolist(), enc.features["labels"].tolist()
+        runs: list[list[int]] = []
+        prev = False
+        for t, lab in zip(ids, labels):
+            sup = lab != IGNORE_INDEX
+            if sup and not prev:
+                runs.append([])
+            if sup:
+                runs[-1].append(t)
+            prev = sup
+        return [self.tokenizer.decode(r, skip_special_tokens=False) for r in runs]
+
     def decode_for_display(self, ids: torch.Tensor) -> str:
         """Decoded text with runs of image tokens shown as `<image_token>xN`."""
         toks = ids.tolist()

@@ -1,6 +1,9 @@
 """One spec per model family: where its parts live, its default LoRA targets, its
 end-of-turn token and its processor quirks. Nothing else in vlmtune hard-codes module names.
 
+Each family lives in its own module of this package (`qwen.py`, `llava.py`, ...) with its
+`tiny:<family>` builder next to its spec; importing the package registers them all.
+
 A VLM is vision encoder -> projector -> LLM (seed 002). Each family names the modules that
 make up each part as paths from the top-level transformers model (transformers 5 layout). A
 parameter belongs to the part whose path is its *longest* matching prefix, so a projector
@@ -14,30 +17,12 @@ from typing import Callable, Mapping, Optional
 
 import torch.nn as nn
 
-from ..errors import UserError
+from ...errors import UserError
 
 PART_NAMES = ("vision", "projector", "llm")
 
 # Seed 002's LLM targets; scoped to the LLM part so they never wrap vision MLPs.
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _qwen2_5_vl_processor() -> type:
-    from transformers import Qwen2_5_VLProcessor
-
-    return Qwen2_5_VLProcessor
-
-
-def _qwen2_vl_processor() -> type:
-    from transformers import Qwen2VLProcessor
-
-    return Qwen2VLProcessor
-
-
-def _llava_processor() -> type:
-    from transformers import LlavaProcessor
-
-    return LlavaProcessor
 
 
 @dataclass(frozen=True)
@@ -64,6 +49,8 @@ class Family:
     image_markup: Optional[str] = None
     """Text that places one image in a plain prompt (`--prompt-template`, no chat template);
     None = the processor's `image_token`."""
+    build_tiny: Optional[Callable[[], tuple]] = None
+    """() -> (random-init model, processor) for `tiny:<name>` (see models/tiny.py)."""
 
     def image_processor_kwargs(self, min_pixels: Optional[int], max_pixels: Optional[int]) -> dict:
         """Keyword arguments for the image processor (bounded resolution by default)."""
@@ -79,54 +66,9 @@ class Family:
 FAMILIES: dict[str, Family] = {}
 
 
-def _register(f: Family) -> Family:
+def register(f: Family) -> Family:
     FAMILIES[f.name] = f
     return f
-
-
-_register(
-    Family(
-        name="qwen2_5_vl",
-        hf_model_types=("qwen2_5_vl",),
-        aliases=("qwen_vl", "qwen2.5_vl", "qwen2.5-vl", "qwen2_5-vl", "qwen25_vl"),
-        parts={"vision": ("model.visual",), "projector": ("model.visual.merger",), "llm": ("model.language_model", "lm_head")},
-        lora_targets={"vision": ("qkv", "proj", "gate_proj", "up_proj", "down_proj"), "projector": None, "llm": LLM_TARGETS},
-        end_of_turn="<|im_end|>",
-        processor_class=_qwen2_5_vl_processor,
-        needs_video_processor=True,
-        dynamic_resolution=True,
-        image_markup="<|vision_start|><|image_pad|><|vision_end|>",
-    )
-)
-_register(
-    Family(
-        name="qwen2_vl",
-        hf_model_types=("qwen2_vl",),
-        aliases=("qwen_vl", "qwen2-vl"),
-        parts={"vision": ("model.visual",), "projector": ("model.visual.merger",), "llm": ("model.language_model", "lm_head")},
-        lora_targets={"vision": ("qkv", "proj", "fc1", "fc2"), "projector": None, "llm": LLM_TARGETS},
-        end_of_turn="<|im_end|>",
-        processor_class=_qwen2_vl_processor,
-        needs_video_processor=True,
-        dynamic_resolution=True,
-        image_markup="<|vision_start|><|image_pad|><|vision_end|>",
-    )
-)
-_register(
-    Family(
-        name="llava",
-        hf_model_types=("llava",),
-        aliases=("llava-1.5", "llava_1.5", "llava_gemma"),
-        parts={"vision": ("model.vision_tower",), "projector": ("model.multi_modal_projector",), "llm": ("model.language_model", "lm_head")},
-        lora_targets={"vision": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), "projector": None, "llm": LLM_TARGETS},
-        end_of_turn="</s>",
-        processor_class=_llava_processor,
-        # LLaVA reads features from the penultimate CLIP layer (vision_feature_layer=-2), so the
-        # last layer's post_layernorm never gets a gradient.
-        never_trained=("model.vision_tower.vision_model.post_layernorm",),
-        image_markup="<image>\n",
-    )
-)
 
 
 def family_names() -> list[str]:
@@ -215,3 +157,7 @@ def resolve_parts(model: nn.Module, family: Optional[Family]) -> PartMap:
                 )
         roots[part] = list(paths)
     return PartMap(roots)
+
+
+# Importing the family modules registers them (kept last: they import this module).
+from . import llava, qwen  # noqa: E402,F401

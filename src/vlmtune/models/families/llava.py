@@ -1,0 +1,79 @@
+"""LLaVA-1.5 (llava-hf): CLIP vision tower `model.vision_tower`, MLP projector
+`model.multi_modal_projector`, Llama LLM `model.language_model` + `lm_head`.
+
+Quirks: features come from the penultimate CLIP layer (vision_feature_layer=-2), so the
+last layer's `post_layernorm` never gets a gradient (frozen, or DDP fails); the hf chat
+template writes no `</s>` after an answer (the encoder inserts it).
+"""
+
+from __future__ import annotations
+
+from . import LLM_TARGETS, Family, register
+
+
+def _llava_processor() -> type:
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor
+
+
+# llava-hf/llava-1.5-*-hf's chat template, verbatim: note it writes no </s> after an answer.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+def build_llava():
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from ..tiny import train_tokenizer
+
+    tok = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos="<s>")
+    tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token = "<unk>", "<s>", "</s>", "<pad>"
+    tok.chat_template = LLAVA_CHAT_TEMPLATE
+    image_size, patch = 56, 14
+    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    proc = LlavaProcessor(
+        ip, tok, patch_size=patch, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>",
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
+    cfg = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, image_size=image_size, patch_size=patch, projection_dim=64,
+        ),
+        text_config=dict(
+            model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+        ),
+        image_token_index=ids["<image>"],
+        image_seq_length=(image_size // patch) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    return LlavaForConditionalGeneration(cfg), proc
+
+
+register(
+    Family(
+        name="llava",
+        hf_model_types=("llava",),
+        aliases=("llava-1.5", "llava_1.5", "llava_gemma"),
+        parts={"vision": ("model.vision_tower",), "projector": ("model.multi_modal_projector",), "llm": ("model.language_model", "lm_head")},
+        lora_targets={"vision": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), "projector": None, "llm": LLM_TARGETS},
+        end_of_turn="</s>",
+        processor_class=_llava_processor,
+        # LLaVA reads features from the penultimate CLIP layer (vision_feature_layer=-2), so the
+        # last layer's post_layernorm never gets a gradient.
+        never_trained=("model.vision_tower.vision_model.post_layernorm",),
+        image_markup="<image>\n",
+        build_tiny=build_llava,
+    )
+)
