@@ -65,7 +65,10 @@ class Encoder:
             self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        kw: dict[str, Any] = {}
+        if getattr(self.processor, "chat_template", None) is None and self.family is not None and self.family.chat_template:
+            kw["chat_template"] = self.family.chat_template  # plain prompt formats (BLIP-2, PaliGemma)
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kw)
 
     def render_with_spans(self, messages: list[dict[str, Any]], where: str = "") -> tuple[str, list[tuple[int, int]]]:
         """Full conversation text and the supervised character spans (response + end-of-turn)."""

@@ -51,6 +51,9 @@ class Family:
     None = the processor's `image_token`."""
     build_tiny: Optional[Callable[[], tuple]] = None
     """() -> (random-init model, processor) for `tiny:<name>` (see models/tiny.py)."""
+    chat_template: Optional[str] = None
+    """Jinja template used when the checkpoint's processor has none (plain prompt formats
+    such as BLIP-2's "Question: ... Answer:"), rendered like any chat template."""
 
     def image_processor_kwargs(self, min_pixels: Optional[int], max_pixels: Optional[int]) -> dict:
         """Keyword arguments for the image processor (bounded resolution by default)."""
@@ -159,5 +162,13 @@ def resolve_parts(model: nn.Module, family: Optional[Family]) -> PartMap:
     return PartMap(roots)
 
 
-# Importing the family modules registers them (kept last: they import this module).
-from . import llava, qwen  # noqa: E402,F401
+def _register_all() -> None:
+    """Import every module of this package: each registers its families."""
+    import importlib
+    import pkgutil
+
+    for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{m.name}")
+
+
+_register_all()  # kept last: the family modules import this module
