@@ -64,6 +64,10 @@ def test_inspect_finds_three_parts_that_sum_to_the_total(loaded, capsys):
         assert parts[p]["total"] > 0, p
     assert sum(v["total"] for v in parts.values()) == info["report"]["total_parameters"]
     assert parts.get("other", {"total": 0})["total"] == 0, "parameters outside the three parts"
+    # every never-trained prefix names real parameters (a stale path would silently freeze nothing)
+    names = [n for n, _ in loaded[1].model.named_parameters()]
+    for prefix in loaded[1].family.never_trained_in(loaded[1].model):
+        assert any(n.startswith(prefix) for n in names), f"never_trained prefix {prefix!r} matches no parameter"
 
 
 def test_preview_supervises_answer_and_end_of_turn(loaded, shapes_dir, tmp_path, capsys):
@@ -114,6 +118,9 @@ def test_one_step_trains_exactly_the_planned_parts(loaded, shapes_dir, mode, met
     loss = model(**batch).loss
     assert torch.isfinite(loss)
     loss.backward()
+    # DDP fails on trainable parameters that never get a gradient: families freeze them
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"trainable but never receive a gradient (add to the family's never_trained): {no_grad[:5]}"
     opt.step()
     changed: dict[str, int] = {}
     for n, p in model.named_parameters():

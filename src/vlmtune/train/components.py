@@ -105,7 +105,7 @@ def apply_plan(model: nn.Module, parts: PartMap, family: Optional[Family], plan:
     model.requires_grad_(False)
     lora_parts = [p for p in PART_NAMES if plan[p].train == "lora"]
     full_parts = [p for p in PART_NAMES if plan[p].train == "full"]
-    never = tuple(family.never_trained) if family else ()
+    never = family.never_trained_in(model) if family else ()
     if not lora_parts:
         for name, p in model.named_parameters():
             if parts.part_of(name) in full_parts and not name.startswith(never):
@@ -118,7 +118,8 @@ def apply_plan(model: nn.Module, parts: PartMap, family: Optional[Family], plan:
     per_part = {"llm": lora.llm_target_modules, "vision": lora.vision_target_modules, "projector": lora.projector_target_modules}
     targets: list[str] = []
     for p in lora_parts:
-        targets += lora_target_names(model, parts, family, p, per_part[p])
+        # LoRA inside a module that never gets a gradient would be dead weight (and trip DDP)
+        targets += [t for t in lora_target_names(model, parts, family, p, per_part[p]) if not (t + ".").startswith(never or ("\0",))]
     modules_to_save = [root for p in full_parts for root in parts.roots[p]]
     for root in modules_to_save:
         inner = [t for t in targets if t.startswith(root + ".")]

@@ -46,6 +46,9 @@ class Family:
     """Qwen-style min_pixels/max_pixels bounds apply."""
     never_trained: tuple[str, ...] = field(default_factory=tuple)
     """Parameter-name prefixes that never get a gradient (DDP needs them frozen)."""
+    unused_by_config: Optional[Callable[[nn.Module], tuple[str, ...]]] = None
+    """model -> more such prefixes that depend on its config (e.g. vision layers after the
+    one whose features the projector reads)."""
     image_markup: Optional[str] = None
     """Text that places one image in a plain prompt (`--prompt-template`, no chat template);
     None = the processor's `image_token`."""
@@ -54,6 +57,10 @@ class Family:
     chat_template: Optional[str] = None
     """Jinja template used when the checkpoint's processor has none (plain prompt formats
     such as BLIP-2's "Question: ... Answer:"), rendered like any chat template."""
+
+    def never_trained_in(self, model: nn.Module) -> tuple[str, ...]:
+        """Every parameter-name prefix of `model` that can never receive a gradient."""
+        return tuple(self.never_trained) + (tuple(self.unused_by_config(model)) if self.unused_by_config else ())
 
     def image_processor_kwargs(self, min_pixels: Optional[int], max_pixels: Optional[int]) -> dict:
         """Keyword arguments for the image processor (bounded resolution by default)."""

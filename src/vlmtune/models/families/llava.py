@@ -11,6 +11,17 @@ from __future__ import annotations
 from . import LLM_TARGETS, Family, register
 
 
+def unused_vision_layers(model, layers_path: str) -> tuple[str, ...]:
+    """Vision encoder layers after the one(s) named by `vision_feature_layer`: their output
+    is never read, so they never get a gradient (llava-1.5 reads layer -2 of 24: layer 23
+    is dead weight). hidden_states[k] is the output of k layers (0 = embeddings)."""
+    cfg = model.config
+    n = cfg.vision_config.num_hidden_layers
+    wanted = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, (list, tuple)) else [cfg.vision_feature_layer]
+    used = max(k if k >= 0 else n + 1 + k for k in wanted)  # layers 0..used-1 feed the features
+    return tuple(f"{layers_path}.{i}." for i in range(used, n))
+
+
 def _llava_processor() -> type:
     from transformers import LlavaProcessor
 
@@ -72,7 +83,8 @@ register(
         processor_class=_llava_processor,
         # LLaVA reads features from the penultimate CLIP layer (vision_feature_layer=-2), so the
         # last layer's post_layernorm never gets a gradient.
-        never_trained=("model.vision_tower.vision_model.post_layernorm",),
+        never_trained=("model.vision_tower.post_layernorm",),
+        unused_by_config=lambda model: unused_vision_layers(model, "model.vision_tower.encoder.layers"),
         image_markup="<image>\n",
         build_tiny=build_llava,
     )
