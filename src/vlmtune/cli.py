@@ -139,11 +139,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         modes[mode] = {"plan": describe_plan(plan), "trainable_parameters_lora_r16": est}
     found = {p: lm.parts.roots.get(p, []) for p in ("vision", "projector", "llm")}
     if args.json:
-        print(json.dumps({"model": args.model_id, "family": lm.family_name, "class": type(lm.model).__name__, "parts": found, "report": report, "modes": modes}, indent=2))
+        print(json.dumps({"model": args.model_id, "family": lm.family_name, "class": type(lm.model).__name__, "parts": found,
+                          "found_by": lm.parts.found_by, "unresolved": lm.parts.unresolved or None, "report": report, "modes": modes}, indent=2))
         return 0
-    print(f"{args.model_id}: {type(lm.model).__name__} (family {lm.family_name})")
+    how = "parts from the family spec" if lm.parts.found_by == "family" else "no family: parts found by inspecting the model"
+    print(f"{args.model_id}: {type(lm.model).__name__} (family {lm.family_name}; {how})")
     for p, paths in found.items():
         print(f"  {p:<10} {', '.join(paths) or '(not found)'}")
+    if lm.parts.unresolved:
+        print(f"  parts could not be told apart: {lm.parts.unresolved}; only training_mode: both (the whole model) can train")
     print(format_report(report))
     print("What each training_mode trains (LoRA r=16 on the family's default targets):")
     for mode, info in modes.items():

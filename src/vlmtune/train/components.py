@@ -97,11 +97,20 @@ def apply_plan(model: nn.Module, parts: PartMap, family: Optional[Family], plan:
     """Freeze/LoRA/full per part. Returns the model to train (a PeftModel when any part uses LoRA)."""
     missing = [p for p in parts.missing() if plan[p].train != "frozen"]
     if missing:
-        raise UserError(
-            "training_mode",
-            f"could not find the {', '.join(missing)} part(s) of this model, so they cannot train separately",
-            "use a supported family (model_type) or train the whole model (training_mode: both, every part full)",
-        )
+        whole = plan["vision"].train != "frozen" and plan["llm"].train != "frozen"  # training_mode: both
+        name = type(model).__name__
+        if parts.unresolved and whole:
+            # Every parameter counts as the LLM: training it trains the whole model.
+            log.warning("%s: %s; training the whole model as one part (LoRA on every linear layer, or full)", name, parts.unresolved)
+            for p in missing:
+                plan[p].train = "frozen"  # nothing is in these parts; the plan says so
+        else:
+            why = parts.unresolved or f"its {family.name if family else 'generic'} spec names no such module"
+            raise UserError(
+                "training_mode",
+                f"{name}: the {', '.join(missing)} part(s) cannot train separately because {why}",
+                "use training_mode: both (trains the whole model), or set model_type to a supported family",
+            )
     model.requires_grad_(False)
     lora_parts = [p for p in PART_NAMES if plan[p].train == "lora"]
     full_parts = [p for p in PART_NAMES if plan[p].train == "full"]

@@ -109,27 +109,6 @@ def find_family(model_type: Optional[str], hf_model_type: Optional[str], where: 
 # ------------------------------------------------------------------------------------------
 # Parts of a loaded model.
 
-# The generic path looks for these attribute names (transformers 5 conventions), in order.
-_GENERIC_CANDIDATES = {
-    "vision": ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder"),
-    "projector": ("multi_modal_projector", "merger", "connector", "mm_projector", "projector", "language_projection", "qformer", "query_tokens"),
-    "llm": ("language_model", "text_model", "lm_head"),
-}
-
-
-def _generic_parts(model: nn.Module) -> dict[str, list[str]]:
-    names = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    found: dict[str, list[str]] = {p: [] for p in PART_NAMES}
-    for part, candidates in _GENERIC_CANDIDATES.items():
-        for path in list(names) + list(params):
-            leaf = path.rsplit(".", 1)[-1]
-            if leaf in candidates and not any(path.startswith(p + ".") for p in found[part]):
-                # Skip paths nested inside one already found for this part.
-                found[part].append(path)
-    return found
-
-
 @dataclass
 class PartMap:
     """Which part each parameter and module of a model belongs to.
@@ -138,6 +117,11 @@ class PartMap:
     """
 
     roots: dict[str, list[str]]
+    unresolved: str = ""
+    """Why the parts of a model without a family could not be told apart ("" = they could);
+    then every parameter counts as `llm` and only `training_mode: both` is possible."""
+    found_by: str = "family"
+    """`family` (the spec's paths) or `inspection` (models/generic.py)."""
 
     def part_of(self, name: str) -> str:
         best, best_len = "other", -1
@@ -154,7 +138,10 @@ class PartMap:
 def resolve_parts(model: nn.Module, family: Optional[Family]) -> PartMap:
     """Find each part's modules in `model` (a plain transformers model, not peft-wrapped)."""
     if family is None:
-        return PartMap(_generic_parts(model))
+        from ..generic import find_parts
+
+        roots, why = find_parts(model)
+        return PartMap(roots, unresolved=why, found_by="inspection")
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     roots: dict[str, list[str]] = {}
