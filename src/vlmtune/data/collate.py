@@ -62,7 +62,10 @@ class Encoder:
         self.end_of_turn = family.end_of_turn if family else (self.tokenizer.eos_token or "")
         self.image_token_id = getattr(processor, "image_token_id", None)
         if self.image_token_id is None and getattr(processor, "image_token", None):
-            self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+            # str(): Blip2Processor keeps an AddedToken here when the tokenizer names no image token
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(str(processor.image_token))
+        if family is not None and family.image_token:
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(family.image_token)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         kw: dict[str, Any] = {}
@@ -116,10 +119,17 @@ class Encoder:
             return gen
         return history + gen[len(plain):]
 
-    def _process(self, texts: list[str], images: list[Any], **kw) -> Any:
+    def _process(self, texts: list[str], images: list[Any], spans: Optional[list[list[tuple[int, int]]]] = None, **kw) -> Any:
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", **kw}
         if images:
             kwargs["images"] = images
+        bos = self.tokenizer.bos_token
+        if bos and texts and all(t.startswith(bos) for t in texts):
+            # The chat template wrote BOS itself (Gemma, Idefics3): don't let the tokenizer add a
+            # second one (transformers' apply_chat_template(tokenize=True) does the same).
+            kwargs.setdefault("add_special_tokens", False)
+        if self.family is not None and self.family.process is not None:
+            return self.family.process(self.processor, kwargs, spans)  # BLIP-2, PaliGemma
         return self.processor(**kwargs)
 
     def encode(self, sample: Sample, images: Optional[list[Any]] = None) -> Encoded:
@@ -127,7 +137,7 @@ class Encoder:
         if images is None:
             images = [load_image(p, f"{sample.id}: image") for p in sample.images]
         text, spans = self.render_with_spans(sample.messages, sample.id)
-        out = self._process([text], images, return_offsets_mapping=True, return_text_replacement_offsets=True)
+        out = self._process([text], images, spans=[spans], return_offsets_mapping=True, return_text_replacement_offsets=True)
         if "offset_mapping" not in out:
             raise RuntimeError(f"{type(self.processor).__name__} returned no offsets: vlmtune needs a fast tokenizer")
         offsets = out["offset_mapping"][0].tolist()
@@ -150,10 +160,11 @@ class Encoder:
         """A left-padded generation batch: prompt texts (see eval.generate.build_prompt) with
         each sample's images, processed once. input_ids/attention_mask: [batch, max_prompt]."""
         flat = [im for ims in images for im in ims]
+        batch_images = images if flat and self.family is not None and self.family.nested_images else flat
         old = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
         try:
-            return self._process(texts, flat, padding=True)
+            return self._process(texts, batch_images, padding=True)
         finally:
             self.tokenizer.padding_side = old
 
@@ -257,5 +268,22 @@ class Collator:
                     out[i, : v.shape[-1]] = v
                 batch[key] = out
             else:
-                batch[key] = torch.cat([torch.as_tensor(v) for v in vals], dim=0)
+                tensors = [torch.as_tensor(v) for v in vals]
+                if len({t.shape[1:] for t in tensors}) > 1 and len({t.dim() for t in tensors}) == 1 and tensors[0].dim() >= 3:
+                    # Per-sample image axes of different sizes (Idefics3/SmolVLM pixel_values
+                    # [1, tiles, 3, H, W] with different tile counts): zero-pad them, as the
+                    # processor does within one call (those models skip all-zero images).
+                    tensors = _pad_trailing(tensors)
+                batch[key] = torch.cat(tensors, dim=0)
         return batch
+
+
+def _pad_trailing(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero-pad every dim but the first to the largest size among `tensors`."""
+    size = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    out = []
+    for t in tensors:
+        padded = t.new_zeros((t.shape[0], *size))
+        padded[(slice(None), *(slice(0, k) for k in t.shape[1:]))] = t
+        out.append(padded)
+    return out

@@ -77,7 +77,7 @@ class PromptStyle:
 
 def image_markup(encoder: Encoder) -> str:
     """Text that stands for one image in a plain prompt (the processor expands it)."""
-    if encoder.family is not None and encoder.family.image_markup:
+    if encoder.family is not None and encoder.family.image_markup is not None:  # "" = the processor adds the image itself (BLIP-2)
         return encoder.family.image_markup
     token = getattr(encoder.processor, "image_token", None)
     if not token:
@@ -109,6 +109,8 @@ def _end_token_ids(encoder: Encoder) -> list[int]:
         eot = tok.convert_tokens_to_ids(encoder.end_of_turn)
         if eot != tok.unk_token_id:
             ids.add(eot)
+        elif len(enc := tok.encode(encoder.end_of_turn, add_special_tokens=False)) == 1:
+            ids.add(enc[0])  # text that is one token but not its spelling: BLIP-2's "\n" (byte-level "Ċ")
     return sorted(i for i in ids if i is not None)
 
 

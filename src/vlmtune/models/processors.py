@@ -23,6 +23,11 @@ def image_only(processor_cls: type) -> type:
         processor_cls: a transformers processor whose `__init__` sets `image_token`,
             `image_token_id`, `video_token`, `video_token_id` from the tokenizer.
     """
+    import inspect
+
+    if "video_processor" not in inspect.signature(processor_cls.__init__).parameters:
+        # Already image-only: a family's own subclass (SmolVLM's, whose __init__ differs).
+        return processor_cls
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"

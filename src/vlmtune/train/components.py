@@ -93,6 +93,12 @@ def lora_target_names(model: nn.Module, parts: PartMap, family: Optional[Family]
     return sorted(set(names))
 
 
+def _parts_without_lora_targets(model: nn.Module, parts: PartMap, family: Optional[Family], plan: Plan, lora: LoraConfig) -> list[str]:
+    """LoRA parts with no linear layer to adapt (Gemma 3's projector is one bare matrix)."""
+    per_part = {"llm": lora.llm_target_modules, "vision": lora.vision_target_modules, "projector": lora.projector_target_modules}
+    return [p for p in PART_NAMES if plan[p].train == "lora" and parts.roots.get(p) and not lora_target_names(model, parts, family, p, per_part[p])]
+
+
 def apply_plan(model: nn.Module, parts: PartMap, family: Optional[Family], plan: Plan, lora: LoraConfig) -> nn.Module:
     """Freeze/LoRA/full per part. Returns the model to train (a PeftModel when any part uses LoRA)."""
     missing = [p for p in parts.missing() if plan[p].train != "frozen"]
@@ -112,6 +118,9 @@ def apply_plan(model: nn.Module, parts: PartMap, family: Optional[Family], plan:
                 "use training_mode: both (trains the whole model), or set model_type to a supported family",
             )
     model.requires_grad_(False)
+    for p in _parts_without_lora_targets(model, parts, family, plan, lora):
+        log.warning("%s: the %s has no linear layer for LoRA; training it fully instead", type(model).__name__, p)
+        plan[p].train = "full"
     lora_parts = [p for p in PART_NAMES if plan[p].train == "lora"]
     full_parts = [p for p in PART_NAMES if plan[p].train == "full"]
     never = family.never_trained_in(model) if family else ()
@@ -130,6 +139,19 @@ def apply_plan(model: nn.Module, parts: PartMap, family: Optional[Family], plan:
         # LoRA inside a module that never gets a gradient would be dead weight (and trip DDP)
         targets += [t for t in lora_target_names(model, parts, family, p, per_part[p]) if not (t + ".").startswith(never or ("\0",))]
     modules_to_save = [root for p in full_parts for root in parts.roots[p]]
+    # peft refuses to wrap a ModuleList/ModuleDict (Qwen3-VL's deepstack_merger_list): save its
+    # children instead, whatever their number.
+    mods = dict(model.named_modules())
+    modules_to_save = [
+        c for root in modules_to_save
+        for c in ([f"{root}.{k}" for k in mods[root]._modules] if isinstance(mods.get(root), (nn.ModuleList, nn.ModuleDict)) else [root])
+    ]
+    # A part root that is a bare parameter (BLIP-2's query_tokens) is no module: peft can
+    # neither wrap it nor save it in the adapter, so it stays frozen while any part uses LoRA.
+    loose = [r for r in modules_to_save if r not in mods]
+    if loose:
+        log.warning("%s: bare parameter(s) that a LoRA adapter cannot carry; frozen in this run (train every part full or frozen to train them)", ", ".join(loose))
+        modules_to_save = [r for r in modules_to_save if r in mods]
     for root in modules_to_save:
         inner = [t for t in targets if t.startswith(root + ".")]
         if inner:
@@ -218,8 +240,9 @@ def estimate_trainable(model: nn.Module, parts: PartMap, family: Optional[Family
     modules = dict(model.named_modules())
     per_part = {"llm": lora.llm_target_modules, "vision": lora.vision_target_modules, "projector": lora.projector_target_modules}
     out = {p: 0 for p in PART_NAMES}
+    no_targets = _parts_without_lora_targets(model, parts, family, plan, lora)  # trained fully
     for p in PART_NAMES:
-        if plan[p].train == "full":
+        if plan[p].train == "full" or p in no_targets:
             out[p] = sum(x.numel() for n, x in model.named_parameters() if parts.part_of(n) == p)
         elif plan[p].train == "lora" and parts.roots.get(p):
             for n in lora_target_names(model, parts, family, p, per_part[p]):

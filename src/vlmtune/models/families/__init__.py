@@ -13,7 +13,7 @@ nested inside the vision module (Qwen-VL's `visual.merger`) is still the project
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch.nn as nn
 
@@ -57,6 +57,20 @@ class Family:
     chat_template: Optional[str] = None
     """Jinja template used when the checkpoint's processor has none (plain prompt formats
     such as BLIP-2's "Question: ... Answer:"), rendered like any chat template."""
+    nested_images: bool = False
+    """The processor takes a batch's images as one list per text (Gemma3, SmolVLM read a
+    flat list as all images of a single text)."""
+    image_token: Optional[str] = None
+    """Token the processor expands into the image's embeddings, where the processor's own
+    `image_token` is only a marker the user writes (Gemma3's `<start_of_image>`); None = the
+    processor's. Used to count and display image tokens."""
+    process: Optional[Callable[..., Any]] = None
+    """(processor, kwargs, spans) -> the processor's output for `processor(**kwargs)`, for
+    processors that change the text they are given without reporting it in their offsets
+    (BLIP-2 prepends query tokens, PaliGemma inserts BOS and "\\n") or whose model needs more
+    than they return (PaliGemma's prefix/suffix token_type_ids). `spans`: each text's
+    supervised character spans (None for generation prompts). Offsets must stay relative to
+    the given text, as transformers reports them."""
 
     def never_trained_in(self, model: nn.Module) -> tuple[str, ...]:
         """Every parameter-name prefix of `model` that can never receive a gradient."""
