@@ -168,3 +168,47 @@ def test_adapter_and_final_reload_with_plain_libraries(loaded, shapes_dir, tmp_p
     assert [r["prediction"] for r in generate(peft_model, enc, samples, 3, settings)] == ours
     final = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "final"))
     assert [r["prediction"] for r in generate(final, enc, samples, 3, settings)] == ours
+
+
+@pytest.mark.parametrize("model_type, checkpoint_type, family", [
+    # seed 003: qwen_vl covers Qwen-VL, Qwen2-VL and Qwen2.5-VL (and here Qwen3-VL)
+    ("qwen_vl", "qwen2_vl", "qwen2_vl"), ("qwen_vl", "qwen2_5_vl", "qwen2_5_vl"), ("qwen_vl", "qwen3_vl", "qwen3_vl"),
+    ("qwen2_vl", "qwen2_vl", "qwen2_vl"),
+    # llava covers llava, llava_next, llava_gemma
+    ("llava", "llava", "llava"), ("llava", "llava_next", "llava_next"), ("llava_next", "llava_next", "llava_next"),
+    ("llava_gemma", "llava", "llava"),
+    ("blip2", "blip-2", "blip2"), ("blip-2", "blip-2", "blip2"),
+    # omitted: derived from the checkpoint's config
+    (None, "gemma3", "gemma3"), (None, "paligemma", "paligemma"), (None, "idefics3", "idefics3"), (None, "smolvlm", "smolvlm"),
+    ("smolvlm", "idefics3", "idefics3"),  # SmolVLM v1 checkpoints are idefics3
+])
+def test_seed_model_types_map_to_families(model_type, checkpoint_type, family):
+    from vlmtune.models.families import find_family
+
+    assert find_family(model_type, checkpoint_type).name == family
+
+
+def test_model_type_that_contradicts_the_checkpoint_is_refused():
+    from vlmtune.errors import UserError
+    from vlmtune.models.families import find_family
+
+    with pytest.raises(UserError, match="does not match the checkpoint"):
+        find_family("blip2", "qwen2_vl")
+    with pytest.raises(UserError, match="unknown model_type"):
+        find_family("qwen_vll", "qwen2_vl")
+
+
+def test_image_processor_overrides_change_the_image_token_count(shapes_dir):
+    """Idefics3 tiles: a smaller tile size (models[].image_processor) means more tiles and tokens."""
+    from vlmtune.errors import UserError
+    from vlmtune.models.loading import load_processor_only
+
+    def n_image_tokens(overrides):
+        proc, fam = load_processor_only(ModelConfig(name="i", hf_model_id="tiny:idefics3", image_processor=overrides))
+        return Encoder(proc, fam).encode(_samples(shapes_dir)[0]).n_image_tokens
+
+    one_tile = n_image_tokens(None)
+    tiled = n_image_tokens({"size": {"longest_edge": 56}, "max_image_size": {"longest_edge": 28}})
+    assert tiled == 5 * one_tile  # 2x2 tiles + the global image
+    with pytest.raises(UserError, match="has no setting 'do_splitting'"):
+        n_image_tokens({"do_splitting": False})

@@ -64,6 +64,7 @@ class ModelConfig:
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = _f("auto", "Weight dtype: `auto` = bfloat16 on a GPU that has it, float32 otherwise.")
     min_pixels: Optional[int] = _f(None, "Qwen-VL dynamic resolution lower bound (pixels). Default 224*224.")
     max_pixels: Optional[int] = _f(None, "Qwen-VL dynamic resolution upper bound (pixels). Default 224*224 (the seed's bound).")
+    image_processor: Optional[dict[str, Any]] = _f(None, "Image processor settings to override, e.g. {size: {longest_edge: 728}, do_image_splitting: false} for Idefics3/SmolVLM tiles (Qwen-VL: use min_pixels/max_pixels).")
     trust_remote_code: bool = _f(False, "Allow the model repository's own Python code to run.")
     load_in_4bit: bool = _f(False, "Load the base weights in 4-bit (bitsandbytes) for QLoRA.")
     attn_implementation: Optional[str] = _f(None, "`eager`, `sdpa` or `flash_attention_2` (GPU extra).")

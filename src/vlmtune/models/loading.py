@@ -106,6 +106,15 @@ def load_processor(path: str, family: Optional[Family], mcfg: ModelConfig, where
         for k, v in (("min_pixels", size_kwargs["size"]["shortest_edge"]), ("max_pixels", size_kwargs["size"]["longest_edge"])):
             if hasattr(ip, k):
                 setattr(ip, k, v)
+    if mcfg.image_processor:
+        # User overrides of the image-size controls (tile size, splitting, resize bounds):
+        # only keys the image processor already has, so a typo cannot pass silently.
+        ip = proc.image_processor
+        for k, v in mcfg.image_processor.items():
+            if not hasattr(ip, k):
+                known = sorted(a for a in vars(ip) if not a.startswith("_"))
+                raise UserError(f"{where}.image_processor.{k}", f"{type(ip).__name__} has no setting {k!r}", f"known settings: {', '.join(known)}")
+            setattr(ip, k, v)
     if proc.tokenizer.pad_token is None:
         proc.tokenizer.pad_token = proc.tokenizer.eos_token
     return proc

@@ -88,7 +88,7 @@ register(
     Family(
         name="llava_next",
         hf_model_types=("llava_next",),
-        aliases=("llava-next", "llava_next", "llava-1.6", "llava_1.6", "llava-v1.6"),
+        aliases=("llava-next", "llava_next", "llava-1.6", "llava_1.6", "llava-v1.6", "llava"),
         parts={
             "vision": ("model.vision_tower",),
             "projector": ("model.multi_modal_projector", "model.image_newline"),

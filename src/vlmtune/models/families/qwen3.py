@@ -203,7 +203,7 @@ register(
     Family(
         name="qwen3_vl",
         hf_model_types=("qwen3_vl",),
-        aliases=("qwen3-vl", "qwen3vl"),
+        aliases=("qwen3-vl", "qwen3vl", "qwen_vl"),
         parts={
             "vision": ("model.visual",),
             "projector": ("model.visual.merger", "model.visual.deepstack_merger_list"),
