@@ -54,6 +54,11 @@ class DataConfig:
     num_workers: int = _f(0, "DataLoader workers (seed default 4; 0 is fastest for tiny data).")
     max_length: int = _f(2048, "Longest tokenized sample, image tokens included.")
     on_overlength: Literal["skip", "error"] = _f("skip", "A sample longer than `max_length` is skipped (counted, warned) or is an error. Never truncated: that would cut image tokens.")
+    on_bad_sample: Literal["error", "skip"] = _f("error", "A malformed row or image stops the run before training (error) or is skipped, logged and counted in metrics.json (skip).")
+    allow_remote_images: bool = _f(False, "Fetch http(s):// image URLs (size-capped, with a timeout); off: remote URLs are an error.")
+    remote_image_max_bytes: int = _f(20_000_000, "Largest remote image fetched, in bytes.")
+    remote_image_timeout: float = _f(20.0, "Seconds before a remote image fetch gives up.")
+    allow_absolute_paths: bool = _f(False, "Allow image paths outside their root (data.image_root, the data file's folder or the working directory): absolute paths and '..'.")
 
 
 @dataclass
@@ -143,6 +148,7 @@ class TrainingConfig:
     fsdp_config: Optional[dict[str, Any]] = _f(None, "FSDP options (seed 001).")
     ddp_find_unused_parameters: Optional[bool] = _f(None, "DDP: look for parameters without gradients.")
     resume: Literal["auto", "never"] = _f("auto", "auto: continue from the run's last checkpoint when there is one.")
+    nan_policy: Literal["stop", "skip_batch"] = _f("stop", "A NaN/inf loss stops training naming the step and samples, keeping the last good checkpoint (stop), or that batch is skipped and counted (skip_batch).")
     # Generation (used by evaluation)
     generation_max_new_tokens: int = _f(128, "Max new tokens per generated answer.")
     generation_min_new_tokens: int = _f(0, "Min new tokens per generated answer.")
