@@ -28,6 +28,12 @@ def test_demo_learns(tmp_path, capsys):
     lo, hi = gm["exact_match"]["ci95"]
     assert lo <= gm["exact_match"]["value"] <= hi
 
+    # `vlmtune check` on the demo's config: the length histogram, exit 0.
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "demo" / "demo_config.yaml")]) == 0
+    report = capsys.readouterr().out
+    assert "tokens per sample (tiny_qwen2_5_vl" in report and "0 over data.max_length" in report and report.rstrip().endswith("0 errors, 0 warnings")
+
     # The standalone evaluation of the finished run reproduces the demo's exact match.
     out = tmp_path / "again"
     assert main(["evaluate", "--run", str(run), "--csv", str(tmp_path / "demo" / "data" / "test.csv"),

@@ -36,12 +36,13 @@ def seed_csv(shapes_dir, tmp_path_factory) -> Path:
     48 rows so an evaluation at batch size 1 takes long enough to be killed midway."""
     rows = list(csv.DictReader(open(shapes_dir / "test.csv")))
     out = tmp_path_factory.mktemp("evalcsv") / "eval.csv"
+    (out.parent / "shapes").symlink_to(shapes_dir)  # images under their own root (--image-root)
     with open(out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["url", "query", "annotation"])
         for k in range(48):
             r = rows[k % len(rows)]
-            w.writerow([str(shapes_dir / r["url"]), r["query"], json.dumps([r["annotation"], r["annotation"].upper()])])
+            w.writerow([r["url"], r["query"], json.dumps([r["annotation"], r["annotation"].upper()])])
     return out
 
 
@@ -69,6 +70,7 @@ def test_model_id_with_lora_path_and_seed_csv(run_dir, seed_csv, tmp_path):
     base = json.loads((run_dir / "lora_adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
     out = tmp_path / "ev"
     argv = ["evaluate", "--model-id", base, "--lora-path", str(run_dir / "lora_adapter"), "--csv", str(seed_csv), "--limit", "8",
+            "--image-root", str(seed_csv.parent / "shapes"),
             "--min-pixels", "3136", "--max-pixels", "3136", "--max-new-tokens", "4", "--batch-size", "8", "--output-dir", str(out), "--metrics", "exact_match"]
     assert main(argv) == 0
     recs = _lines(out / "predictions.jsonl")
@@ -81,6 +83,7 @@ def test_model_id_with_lora_path_and_seed_csv(run_dir, seed_csv, tmp_path):
 
 def _evaluate_cmd(run_dir: Path, csv_path: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "vlmtune.cli", "evaluate", "--run", str(run_dir), "--csv", str(csv_path), "--batch-size", "1",
+            "--image-root", str(csv_path.parent / "shapes"),
             "--output-dir", str(out), "--metrics", "exact_match"]
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,9 +77,9 @@ def test_preview_supervises_answer_and_end_of_turn(loaded, shapes_dir, tmp_path,
     recs = []
     for s in _samples(shapes_dir)[:2]:
         msgs = [{"role": m["role"], "content": [p if p["type"] == "text" else {"type": "image"} for p in m["content"]]} for m in s.messages]
-        recs.append({"id": s.id, "messages": msgs, "images": s.images})
+        recs.append({"id": s.id, "messages": msgs, "images": [str(Path(p).relative_to(shapes_dir)) for p in s.images]})
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    cfg = write_config(tmp_path / "c.yaml", shapes_dir, tmp_path / "out", data={"train_jsonl": str(data), "train_csv": None},
+    cfg = write_config(tmp_path / "c.yaml", shapes_dir, tmp_path / "out", data={"train_jsonl": str(data), "train_csv": None, "image_root": str(shapes_dir)},
                        models=[{"name": "m", "hf_model_id": f"tiny:{fam}", "min_pixels": 3136, "max_pixels": 3136}])
     assert main(["preview", str(cfg), "--n", "2", "--json"]) == 0
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]

@@ -84,11 +84,11 @@ def test_rerun_resumes_from_last_checkpoint(trained):
 
 def test_quick_form_with_training_mode_env(shapes_dir, tmp_path, monkeypatch):
     lines = [json.dumps({"messages": [{"role": "user", "content": "<image>What color?"}, {"role": "assistant", "content": "red"}],
-                         "images": [str(shapes_dir / "images" / f"train_{i:04d}.png")]}) for i in range(4)]
+                         "images": [f"images/train_{i:04d}.png"]}) for i in range(4)]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     monkeypatch.setenv("TRAINING_MODE", "vision")
     rc = main(["train", "--dataset", str(tmp_path / "d.jsonl"), "--model-id", "tiny:qwen2_5_vl", "--output-dir", str(tmp_path / "o"),
-               "--set", "training.max_steps=1"])
+               "--set", "training.max_steps=1", "--set", f"data.image_root={shapes_dir}"])
     assert rc == 0
     rep = json.loads((tmp_path / "o" / "tiny_qwen2_5_vl__lora_r16" / "parameter_report.json").read_text())
     assert rep["plan"]["vision"]["train"] == "lora" and rep["plan"]["llm"]["train"] == "frozen"

@@ -8,6 +8,7 @@
     vlmtune evaluate --run RUN_DIR --csv test.csv [--output-dir DIR]
     vlmtune evaluate --model-id ID [--lora-path P] [--model-type T] --csv test.csv
     vlmtune score predictions.jsonl [--metrics a,b,c] [--output F.json]
+    vlmtune check CONFIG.yaml [--json] [--fast]
 
 User errors print one line and exit 1; `--debug` shows the traceback.
 """
@@ -212,7 +213,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = _metric_list(args.metrics)
     style = PromptStyle(args.prompt_template.replace("\\n", "\n") if args.prompt_template else None, args.system_message)
     data_file = args.csv or args.jsonl
-    samples = S.load_eval_samples(data_file, S.eval_data_config(args.image_column, args.query_column, args.annotation_column, args.image_root),
+    dcfg = S.eval_data_config(args.image_column, args.query_column, args.annotation_column, args.image_root,
+                              args.allow_absolute_paths, args.allow_remote_images)
+    samples = S.load_eval_samples(data_file, dcfg,
                                   "--csv" if args.csv else "--jsonl")
     if args.limit:
         samples = samples[: args.limit]
@@ -232,6 +235,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{result['n_samples']} samples -> {out}/predictions.jsonl, {out}/generation_metrics.json")
     print(S.format_scores(result))
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config and every data file; count tokens with the processor only."""
+    from .data.check import Problem, Report, count_tokens, format_report, load_checked_splits
+
+    try:
+        cfg = load_cli_config(args.config, args.set)
+    except UserError as e:
+        report = Report(problems=[Problem.of(e)])
+    else:
+        splits, report = load_checked_splits(cfg, full_decode=not args.fast)
+        if not report.errors and not args.no_tokens:
+            for i, m in enumerate(cfg.models):
+                if args.model in (None, m.name):
+                    report.lengths[m.name] = count_tokens(cfg, splits, i)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(format_report(report))
+    return 1 if report.errors else 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -298,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--query-column", help="default: query (or instruction)")
     data.add_argument("--annotation-column", help="default: annotation (or response)")
     data.add_argument("--image-root", help="folder relative image paths resolve against")
+    data.add_argument("--allow-absolute-paths", action="store_true", help="allow image paths outside the image root / data folder / working directory")
+    data.add_argument("--allow-remote-images", action="store_true", help="fetch http(s):// images (size-capped, with a timeout)")
     data.add_argument("--limit", type=int, help="only the first N samples")
     gen = e.add_argument_group("generation")
     gen.add_argument("--batch-size", type=int, help="default: the run's evaluation batch size, else 8")
@@ -311,6 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics", help="comma-separated metric names (default: exact_match,bleu4,meteor,rouge_l,cider,token_stats)")
     e.add_argument("--output-dir", help="default: RUN_DIR/eval/<data file> or results/evaluate/<model>/<data file>")
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("check", help="validate a config and every data file before anything trains")
+    c.add_argument("config")
+    c.add_argument("--json", action="store_true", help="machine-readable report")
+    c.add_argument("--fast", action="store_true", help="read image headers only (no full decode)")
+    c.add_argument("--no-tokens", action="store_true", help="skip token counting (no processor load)")
+    c.add_argument("--model", help="count tokens for this model only (default: every model)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_check)
 
     sc = sub.add_parser("score", help="recompute metrics from a predictions.jsonl (no model needed)")
     sc.add_argument("predictions")

@@ -39,6 +39,8 @@ class Sample:
     """`file:line` of the row: errors and predictions point back to it."""
     messages: list[dict[str, Any]]
     images: list[str] = field(default_factory=list)
+    origin: str = ""
+    """`path:line` of the row in its data file (ids may be user-given in JSONL)."""
     extra_references: list[str] = field(default_factory=list)
     """Further acceptable answers for evaluation (an `annotation` cell holding a JSON list,
     a JSONL `references` field); the first answer is always the last assistant turn."""
@@ -84,11 +86,17 @@ def _split_placeholders(text: str) -> list[dict[str, Any]]:
 
 
 class ImageResolver:
-    """Resolves relative image paths: `data.image_root` when set; otherwise the data file's
-    folder, and where not found there, the working directory (the seed's `data/images/...`
-    habit). Remembers which root each data file used so `check`/logs can say so."""
+    """Resolves image paths of one data file.
 
-    def __init__(self, data_file: Path, image_root: Optional[str], config_dir: Optional[str]):
+    Relative paths resolve against `data.image_root` when set; otherwise the data file's
+    folder, and where not found there, the working directory (the seed's `data/images/...`
+    habit). A path may not leave those roots (absolute paths elsewhere, `..`, symlinks out)
+    unless `allow_absolute`; `http(s)://` URLs pass through only with `allow_remote` (they
+    are fetched, size-capped, when loaded). Remembers which roots were used, for logs.
+    """
+
+    def __init__(self, data_file: Path, image_root: Optional[str], config_dir: Optional[str],
+                 allow_absolute: bool = False, allow_remote: bool = False):
         self.data_file = data_file
         if image_root:
             root = Path(image_root)
@@ -97,22 +105,40 @@ class ImageResolver:
             self.roots = [root]
         else:
             self.roots = [data_file.parent, Path.cwd()]
+        self.allow_absolute = allow_absolute
+        self.allow_remote = allow_remote
+        self._real_roots = [r.resolve() for r in self.roots]
         self.used: set[str] = set()
+
+    @classmethod
+    def for_config(cls, data_file: Path, data: DataConfig, config_dir: Optional[str]) -> "ImageResolver":
+        if data.allow_remote_images:
+            from . import images
+
+            images.REMOTE = images.RemoteSettings(data.remote_image_max_bytes, data.remote_image_timeout)
+        return cls(data_file, data.image_root, config_dir, data.allow_absolute_paths, data.allow_remote_images)
 
     def __call__(self, raw: str, where: str) -> str:
         if raw.startswith(("http://", "https://")):
-            raise UserError(where, f"remote image {raw!r}", "download the images and use local paths")
+            if not self.allow_remote:
+                raise UserError(where, f"remote image {raw!r}", "set data.allow_remote_images: true to fetch it, or download the images and use local paths")
+            self.used.add("http(s)")
+            return raw
+        if "://" in raw.split("/", 1)[0] + "/":
+            raise UserError(where, f"unsupported image location {raw!r}", "use a local path (or http(s):// with data.allow_remote_images)")
         p = Path(raw).expanduser()
-        if p.is_absolute():
-            if not p.is_file():
-                raise UserError(where, f"image {raw!r} does not exist", "fix the path")
-            self.used.add("absolute paths")
-            return str(p)
-        for root in self.roots:
-            cand = root / p
+        cands = [p] if p.is_absolute() else [root / p for root in self.roots]
+        for cand in cands:
             if cand.is_file():
-                self.used.add(str(root))
+                real = cand.resolve()
+                if not self.allow_absolute and not any(real.is_relative_to(r) for r in self._real_roots):
+                    roots = ", ".join(str(r) for r in self.roots)
+                    raise UserError(where, f"image {raw!r} lies outside its root ({roots})",
+                                    "move it under data.image_root / the data file's folder / the working directory, or set data.allow_absolute_paths: true")
+                self.used.add("absolute paths" if p.is_absolute() else str(cand.parent if len(self.roots) == 1 else next(r for r in self.roots if cand.is_relative_to(r))))
                 return str(cand)
+        if p.is_absolute():
+            raise UserError(where, f"image {raw!r} does not exist", "fix the path")
         tried = ", ".join(str(r) for r in self.roots)
         raise UserError(where, f"image {raw!r} not found (looked in {tried})", "fix the path or set data.image_root")
 
@@ -127,7 +153,10 @@ def resolve_data_path(path: str, config_dir: Optional[str], where: str) -> Path:
     raise UserError(where, f"data file {path!r} not found", "fix the path (relative paths resolve against the working directory, then the config's folder)")
 
 
-def read_csv(path: Path, data: DataConfig, resolve: ImageResolver) -> list[Sample]:
+def read_csv(path: Path, data: DataConfig, resolve: ImageResolver, problems: Optional[list[UserError]] = None) -> list[Sample]:
+    """Samples of a CSV file. File-level problems raise; a bad row raises too, unless
+    `problems` is given: then it is appended there and the row skipped (`vlmtune check`,
+    `data.on_bad_sample: skip`)."""
     samples = []
     raw = path.read_bytes()
     try:
@@ -149,22 +178,27 @@ def read_csv(path: Path, data: DataConfig, resolve: ImageResolver) -> list[Sampl
     instr_col = pick(data.instruction_column, data.query_column, "instruction_column")
     resp_col = pick(data.response_column, data.annotation_column, "response_column")
     for row in reader:
-        line = reader.line_num
-        where = f"{path}:{line}"
-        vals = {}
-        for col in (image_col, instr_col, resp_col):
-            v = row.get(col)
-            if v is None or not v.strip():
-                raise UserError(f"{where}: {col}", "empty", "fill it in or remove the row")
-            vals[col] = v
-        image = resolve(vals[image_col].strip(), f"{where}: {image_col}")
-        answers = _answer_list(vals[resp_col], f"{where}: {resp_col}")
-        msgs = []
-        if data.system_message:
-            msgs.append({"role": "system", "content": [{"type": "text", "text": data.system_message}]})
-        msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": vals[instr_col]}]})
-        msgs.append({"role": "assistant", "content": [{"type": "text", "text": answers[0]}]})
-        samples.append(Sample(id=f"{path.name}:{line}", messages=msgs, images=[image], extra_references=answers[1:]))
+        try:
+            line = reader.line_num
+            where = f"{path}:{line}"
+            vals = {}
+            for col in (image_col, instr_col, resp_col):
+                v = row.get(col)
+                if v is None or not v.strip():
+                    raise UserError(f"{where}: {col}", "empty", "fill it in or remove the row")
+                vals[col] = v
+            image = resolve(vals[image_col].strip(), f"{where}: {image_col}")
+            answers = _answer_list(vals[resp_col], f"{where}: {resp_col}")
+            msgs = []
+            if data.system_message:
+                msgs.append({"role": "system", "content": [{"type": "text", "text": data.system_message}]})
+            msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": vals[instr_col]}]})
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": answers[0]}]})
+            samples.append(Sample(id=f"{path.name}:{line}", messages=msgs, images=[image], origin=where, extra_references=answers[1:]))
+        except UserError as e:
+            if problems is None:
+                raise
+            problems.append(e)
     return samples
 
 
@@ -265,36 +299,45 @@ def _normalise_record(rec: Any, where: str, sample_id: str, resolve: ImageResolv
     return Sample(id=str(rec.get("id", sample_id)), messages=messages, images=resolved, extra_references=[x for x in extra if x != message_text(messages[-1])])
 
 
-def read_jsonl(path: Path, data: DataConfig, resolve: ImageResolver) -> list[Sample]:
+def read_jsonl(path: Path, data: DataConfig, resolve: ImageResolver, problems: Optional[list[UserError]] = None) -> list[Sample]:
+    """Samples of a JSONL file; a bad line raises, or with `problems` is recorded and skipped."""
     samples = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(where, f"not UTF-8 text (byte {e.start} of the line)", "re-save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(where, f"not valid JSON ({e.msg} at column {e.colno})", "fix the line or remove it") from None
-            samples.append(_normalise_record(rec, where, f"{path.name}:{lineno}", resolve, data.system_message))
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(where, f"not UTF-8 text (byte {e.start} of the line)", "re-save the file as UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(where, f"not valid JSON ({e.msg} at column {e.colno})", "fix the line or remove it") from None
+                sample = _normalise_record(rec, where, f"{path.name}:{lineno}", resolve, data.system_message)
+                sample.origin = where
+                samples.append(sample)
+            except UserError as e:
+                if problems is None:
+                    raise
+                problems.append(e)
     return samples
 
 
-def load_split(cfg: Config, split: str) -> Optional[list[Sample]]:
-    """Samples of `split` (train/val/test), or None when the config names no file for it."""
+def load_split(cfg: Config, split: str, problems: Optional[list[UserError]] = None) -> Optional[list[Sample]]:
+    """Samples of `split` (train/val/test), or None when the config names no file for it.
+    With `problems`, bad rows are recorded there and skipped instead of raising."""
     d = cfg.data
     for kind in ("csv", "jsonl"):
         raw = getattr(d, f"{split}_{kind}")
         if not raw:
             continue
         path = resolve_data_path(raw, cfg.config_dir, f"data.{split}_{kind}")
-        resolver = ImageResolver(path, d.image_root, cfg.config_dir)
-        samples = (read_csv if kind == "csv" else read_jsonl)(path, d, resolver)
-        if not samples:
+        resolver = ImageResolver.for_config(path, d, cfg.config_dir)
+        samples = (read_csv if kind == "csv" else read_jsonl)(path, d, resolver, problems)
+        if not samples and not problems:
             raise UserError(str(path), "no samples", "add rows, or remove the file from the config")
         log.info("%s: %d samples from %s (images resolved against %s)", split, len(samples), path, ", ".join(sorted(resolver.used)) or "-")
         return samples
@@ -304,4 +347,5 @@ def load_split(cfg: Config, split: str) -> Optional[list[Sample]]:
 def load_jsonl_file(path: str | os.PathLike, data: Optional[DataConfig] = None, image_root: Optional[str] = None) -> list[Sample]:
     """Read a JSONL file outside a config (the `--dataset` quick form)."""
     p = resolve_data_path(str(path), None, "--dataset")
-    return read_jsonl(p, data or DataConfig(), ImageResolver(p, image_root, None))
+    d = data or DataConfig()
+    return read_jsonl(p, d, ImageResolver(p, image_root or d.image_root, None, d.allow_absolute_paths, d.allow_remote_images))

@@ -118,23 +118,31 @@ def load_model_id(model_id: str, lora_path: Optional[str], model_type: Optional[
     return EvalModel(model.to(_device()), Encoder(lm.processor, lm.family), desc)
 
 
-def eval_data_config(image_column: str, query_column: Optional[str], annotation_column: Optional[str], image_root: Optional[str]) -> DataConfig:
+def eval_data_config(image_column: str, query_column: Optional[str], annotation_column: Optional[str], image_root: Optional[str],
+                     allow_absolute_paths: bool = False, allow_remote_images: bool = False) -> DataConfig:
     """Seed 003's evaluation CSV (url, query, annotation); a training-style CSV (instruction,
     response) also works unless columns are named explicitly."""
     return DataConfig(
         image_column=image_column,
         instruction_column=query_column or "query", query_column=query_column or "instruction",
         response_column=annotation_column or "annotation", annotation_column=annotation_column or "response",
-        image_root=image_root,
+        image_root=image_root, allow_absolute_paths=allow_absolute_paths, allow_remote_images=allow_remote_images,
     )
 
 
 def load_eval_samples(path: str, data: DataConfig, where: str) -> list[Sample]:
+    from ..data.check import check_images
+
     p = resolve_data_path(path, None, where)
-    resolver = ImageResolver(p, data.image_root, None)
+    resolver = ImageResolver.for_config(p, data, None)
     samples = read_jsonl(p, data, resolver) if p.suffix.lower() in (".jsonl", ".json") else read_csv(p, data, resolver)
     if not samples:
         raise UserError(str(p), "no samples", "add rows")
+    # The same gate as training: every image header read before the model loads.
+    _, problems = check_images(samples, full_decode=False, image_column=data.image_column)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(problems[0].where, problems[0].what + more, problems[0].fix)
     return samples
 
 

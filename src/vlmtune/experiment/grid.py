@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import Config, LoraConfig, ModelConfig
-from ..data.sources import Sample, load_split
+from ..data.check import gate
+from ..data.sources import Sample
 from ..errors import UserError
+from ..io import atomic_write_json
 from ..eval.generate import GenerationSettings, describe_weights, evaluate_samples
 from ..train.sft import check_precision, run_name, train_run
 
@@ -48,11 +50,16 @@ def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = 
         from ..eval.metrics import check_names
 
         check_names(cfg.evaluation.metrics, "evaluation.metrics")
-    splits = {s: load_split(cfg, s) for s in ("train", "val", "test")}
+    # The data gate: every row and image header checked before any model loads.
+    splits, report = gate(cfg)
+    bad = {k: v["bad"] for k, v in report.counts.items() if v["bad"]}
     results = []
     for k, (i, m, v) in enumerate(runs, start=1):
         log.info("[%d/%d] %s", k, len(runs), run_name(m, v))
         res = train_run(cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]")
+        if bad:  # data.on_bad_sample: skip -- the run says how much data it did not see
+            res["metrics"]["skipped_bad_samples"] = bad
+            atomic_write_json(Path(res["run_dir"]) / "metrics.json", res["metrics"])
         summary = {"run": res["run"], "run_dir": res["run_dir"], "metrics": res["metrics"]}
         split, samples = eval_split(cfg, splits)
         if cfg.evaluation.enabled and samples:
