@@ -76,6 +76,8 @@ def _with_adapter(base: torch.nn.Module, adapter: Path, where: str) -> torch.nn.
 
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(where, f"{adapter} holds no adapter_config.json", "pass the lora_adapter/ folder a run wrote")
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise UserError(where, f"{adapter} has no adapter_model.safetensors (pickled adapters are not loaded: unpickling can run code)", "save the adapter with safetensors (peft's default)")
     try:
         return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     except (ValueError, KeyError, RuntimeError) as e:

@@ -138,7 +138,8 @@ def load_model(
     hf_cfg = _hf_config(path, mcfg, where)
     family = find_family(mcfg.model_type, getattr(hf_cfg, "model_type", None), f"{where}.model_type")
     dtype = pick_dtype(mcfg.torch_dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": mcfg.trust_remote_code, "output_loading_info": True}
+    # Weights load from safetensors only: a pickle (.bin/.pt) can run code when unpickled.
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": mcfg.trust_remote_code, "output_loading_info": True, "use_safetensors": True}
     if mcfg.attn_implementation:
         kwargs["attn_implementation"] = mcfg.attn_implementation
     if mcfg.load_in_4bit:
@@ -157,6 +158,11 @@ def load_model(
     with _quiet_transformers(ve.suppress_init_warnings):
         try:
             model, info = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        except OSError as e:
+            if "safetensors" in str(e) or ".bin" in str(e):
+                raise UserError(where, f"{path!r} has no safetensors weights (vlmtune does not load pickled .bin/.pt weights: unpickling can run code)",
+                                "convert the checkpoint to safetensors (transformers' save_pretrained writes them) or use a repository that ships them") from None
+            raise
         except ValueError as e:
             if "Unrecognized configuration class" in str(e):
                 raise UserError(where, f"{path!r} ({hf_cfg.model_type}) is not an image-text-to-text model", "use a vision-language checkpoint") from None
