@@ -294,3 +294,23 @@ def test_skip_policy_trains_without_the_bad_samples_and_counts_them(tmp_path, ca
     metrics = json.loads((d / "out" / "m__lora_r16" / "metrics.json").read_text())
     assert metrics["skipped_bad_samples"] == {"train": 2} and metrics["n_train_samples"] == 2
     assert "skipping a bad sample" in caplog.text and "gone.png" in caplog.text
+
+
+@pytest.mark.parametrize("model, lora, message", [
+    ({"hf_model_id": str(Path("/nonexistent/model"))}, None, "is not a loadable model directory|not found locally"),
+    ({"hf_model_id": "tiny:nosuchfamily"}, None, "no tiny model for family"),
+    ({"hf_model_id": "tiny:qwen2_5_vl", "model_type": "llava"}, None, "does not match the checkpoint"),
+    ({"hf_model_id": "tiny:qwen2_5_vl", "model_type": "mystery"}, None, "unknown model_type"),
+    ({"hf_model_id": "tiny:qwen2_5_vl"}, {"name": "v", "target_modules": ["q_projj"]}, "matches no linear module"),
+])
+def test_model_errors_are_one_line_and_leave_no_run_dir(tmp_path, capsys, model, lora, message):
+    import re
+
+    d = tmp_path / "w"
+    _base(d)
+    _csv(d, OK_ROW)
+    cfg = _config(d, models=[{"name": "m", "min_pixels": 3136, "max_pixels": 3136, **model}], **({"lora_variants": [lora]} if lora else {}))
+    assert main(["train", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and re.search(message, err[0]), err
+    assert not (d / "out").exists()
