@@ -2,6 +2,8 @@
 
     vlmtune demo [--output-dir DIR]
     vlmtune train CONFIG.yaml [--model NAME] [--variant NAME] [--set key.path=value ...]
+    vlmtune run CONFIG.yaml [--only NAME] [--dry-run]       (train + evaluate + summary + report.html)
+    vlmtune report OUTPUT_DIR
     vlmtune train --dataset data.jsonl --model-id ID [--mode llm|vision|both|projector]
     vlmtune inspect MODEL_ID [--model-type T]
     vlmtune preview CONFIG.yaml [--n N] [--json]
@@ -109,6 +111,57 @@ def cmd_train(args: argparse.Namespace) -> int:
         gm = r.get("generation_metrics") or {}
         em = gm.get("exact_match", {}).get("value")
         print(f"{r['run']}: final_train_loss={r['metrics']['final_train_loss']:.4f}" + (f" exact_match={em:.3f}" if em is not None else "") + f"  -> {r['run_dir']}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Train and evaluate every model x variant, resumably; write ablation_summary.json and report.html."""
+    from .experiment.grid import describe_runs, run_grid
+    from .experiment.report import write_report
+    from .experiment.summary import build_summary
+    from .io import atomic_write_json
+
+    path = args.config or args.config_flag
+    if not path:
+        raise UserError("run", "no config given", "vlmtune run CONFIG.yaml (or --config CONFIG.yaml)")
+    cfg = load_cli_config(path, args.set)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    if args.dry_run:
+        print("\n".join(describe_runs(cfg, args.only)))
+        return 0
+    results = run_grid(cfg, only=args.only, keep_going=True)
+    if args.only:
+        from .experiment.grid import other_runs, select_runs
+        from .train.sft import run_name
+
+        order = {run_name(m, v): k for k, (_, m, v) in enumerate(select_runs(cfg))}
+        results = sorted(results + other_runs(cfg, results), key=lambda r: order[r["run"]])
+    out = cfg.resolved_output_dir()
+    summary = build_summary(cfg, results)
+    atomic_write_json(out / "ablation_summary.json", summary)
+    report = write_report(out)
+    for r in summary["runs"]:
+        if r["status"] == "complete":
+            em = (r.get("metrics") or {}).get("exact_match", {}).get("value")
+            print(f"{r['run']}: complete{' (reused)' if r.get('reused') else ''}, final_train_loss={_num(r.get('final_train_loss'))}"
+                  + (f", exact_match={em:.3f}" if isinstance(em, (int, float)) else ""))
+        elif r["status"] == "pending":
+            print(f"{r['run']}: pending")
+        else:
+            print(f"{r['run']}: FAILED: {r.get('error')}")
+    print(f"-> {out / 'ablation_summary.json'}, {report}")
+    return 1 if summary["n_failed"] else 0
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .experiment.report import write_report
+
+    print(write_report(args.output_dir))
     return 0
 
 
@@ -287,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", help="override output_dir")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. training.max_steps=10")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("run", help="train + evaluate every model x LoRA variant, resumably; summary and report.html")
+    r.add_argument("config", nargs="?", help="config YAML")
+    r.add_argument("--config", dest="config_flag", help="same as the positional CONFIG (seed habit: vlm_finetune_and_eval.py --config ...)")
+    r.add_argument("--only", help="only this run (<model>__<variant>), variant or model")
+    r.add_argument("--dry-run", action="store_true", help="list the runs and what each trains, then stop")
+    r.add_argument("--output-dir", help="override output_dir")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="(re)write OUTPUT_DIR/report.html from its ablation_summary.json")
+    rp.add_argument("output_dir")
+    rp.set_defaults(func=cmd_report)
 
     i = sub.add_parser("inspect", help="parameters by part and what each mode trains")
     i.add_argument("model_id")

@@ -88,6 +88,7 @@ class LoraConfig:
     vision_target_modules: Optional[list[str]] = _f(None, "LoRA targets inside the vision encoder.")
     projector_target_modules: Optional[list[str]] = _f(None, "LoRA targets inside the projector (when the projector trains with `lora`).")
     bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases train with LoRA.")
+    training: Optional[dict[str, Any]] = _f(None, "Training keys this variant overrides, e.g. {training_mode: both, learning_rate: 1e-4, parts: {vision: {train: full, lr_multiplier: 0.1}}}: ablate what trains, not only LoRA shape.")
 
 
 @dataclass
@@ -178,6 +179,7 @@ class Config:
     training: TrainingConfig = _f(help="Trainer settings.", factory=TrainingConfig)
     evaluation: EvaluationConfig = _f(help="Evaluation after training.", factory=EvaluationConfig)
     visual_encoder_settings: VisualEncoderSettings = _f(help="Seed 000 settings.", factory=VisualEncoderSettings)
+    baseline: Optional[str] = _f(None, "Run compared against in ablation_summary.json: a variant name (per model) or a run name `<model>__<variant>`; default the first variant of each model.")
     # Where the YAML lives; relative data paths fall back to this folder. Not a YAML key.
     config_dir: Optional[str] = field(default=None, repr=False, metadata={"internal": True})
 
@@ -205,6 +207,14 @@ class Config:
         d = dataclasses.asdict(self)
         d.pop("config_dir", None)
         return d
+
+    def for_variant(self, variant: LoraConfig, src: str = "config") -> "Config":
+        """This config with the variant's `training:` overrides applied (and validated)."""
+        if not variant.training:
+            return self
+        merged = deep_merge(dataclasses.asdict(self.training), variant.training)
+        t = from_dict(TrainingConfig, merged, f"lora_variants.{variant.name}.training", src)
+        return validate(dataclasses.replace(self, training=t), src, variants=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -320,8 +330,9 @@ def from_dict(cls: type, data: Any, path: str = "", src: str = "config") -> Any:
     return cls(**kwargs)
 
 
-def validate(cfg: Config, src: str = "config") -> Config:
-    """Cross-field checks that a single field's type cannot express."""
+def validate(cfg: Config, src: str = "config", variants: bool = True) -> Config:
+    """Cross-field checks that a single field's type cannot express (`variants=False`: skip
+    re-checking each variant's overrides, for the per-variant configs themselves)."""
     if not cfg.models:
         raise UserError(f"{src}: models", "no models listed", "add at least one entry with `name` and `hf_model_id`")
     seen = set()
@@ -341,6 +352,8 @@ def validate(cfg: Config, src: str = "config") -> Config:
     for v in cfg.variants():
         if v.r is not None and v.r <= 0:
             raise UserError(f"{src}: lora_variants.{v.name}.r", f"rank must be positive, got {v.r}", "use e.g. r: 16")
+        if v.training and variants:
+            cfg.for_variant(v, src)  # its overrides must make a valid training section
     t = cfg.training
     for part, pc in t.parts.items():
         if part not in PARTS:
@@ -362,6 +375,10 @@ def validate(cfg: Config, src: str = "config") -> Config:
         raise UserError(f"{src}: training.load_best_model_at_end", "needs evaluation during training", "set eval_strategy: steps (and data.val_csv) or turn it off")
     if t.load_best_model_at_end and t.save_strategy not in (t.eval_strategy, "best"):
         raise UserError(f"{src}: training.save_strategy", f"must match eval_strategy ({t.eval_strategy}) when load_best_model_at_end is true", f"set save_strategy: {t.eval_strategy}")
+    if cfg.baseline is not None:
+        runs = {f"{m.name}__{v.name}" for m in cfg.models for v in cfg.variants()}
+        if cfg.baseline not in runs and cfg.baseline not in {v.name for v in cfg.variants()}:
+            raise UserError(f"{src}: baseline", f"{cfg.baseline!r} is neither a variant nor a run", f"use a variant name or one of {', '.join(sorted(runs))}")
     d = cfg.data
     if not (d.train_csv or d.train_jsonl):
         raise UserError(f"{src}: data", "no training data", "set data.train_csv or data.train_jsonl")

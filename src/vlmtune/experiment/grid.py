@@ -1,33 +1,57 @@
 """Run every model x LoRA variant of a config: train, then (if enabled) evaluate.
 
-Runs are named `<model>__<variant>` and live under `output_dir` (seed 003's tree).
+Runs are named `<model>__<variant>` and live under `output_dir` (seed 003's tree). The grid
+is resumable run by run:
+
+- a finished run (`metrics.json`, and `generation_metrics.json` when evaluation is on) is
+  reused, its files untouched -- unless its saved settings differ from the config's, which
+  is reported as a failure rather than silently mixed into the summary;
+- a run trained but not yet evaluated is only evaluated (from its `final/`);
+- an interrupted run resumes from its last complete checkpoint (train_run).
+
+With `keep_going` (vlmtune run) a failing run is recorded with its error and the grid goes on;
+`vlmtune train` stops at the first error instead.
 """
 
 from __future__ import annotations
 
 import logging
+import traceback
 from pathlib import Path
 from typing import Any, Optional
+
+import yaml
 
 from ..config import Config, LoraConfig, ModelConfig
 from ..data.check import gate
 from ..data.sources import Sample
 from ..errors import UserError
-from ..io import atomic_write_json
 from ..eval.generate import GenerationSettings, describe_weights, evaluate_samples
-from ..train.sft import check_precision, run_name, train_run
+from ..io import atomic_write_json, read_json
+from ..train.sft import check_precision, resolved_run_config, run_name, train_run
 
 log = logging.getLogger("vlmtune")
 
+# Settings that define a run's result; a finished run with different ones is not reused.
+_RUN_KEYS = ("models", "lora_variants", "training", "visual_encoder_settings")
 
-def select_runs(cfg: Config, model: Optional[str] = None, variant: Optional[str] = None) -> list[tuple[int, ModelConfig, LoraConfig]]:
+
+def select_runs(cfg: Config, model: Optional[str] = None, variant: Optional[str] = None,
+                only: Optional[str] = None) -> list[tuple[int, ModelConfig, LoraConfig]]:
+    """(model index, model, variant) for every selected run, models outer, variants inner."""
     models = [(i, m) for i, m in enumerate(cfg.models) if model is None or m.name == model]
     if model is not None and not models:
         raise UserError("--model", f"no model named {model!r} in the config", f"choose one of {', '.join(m.name for m in cfg.models)}")
     variants = [v for v in cfg.variants() if variant is None or v.name == variant]
     if variant is not None and not variants:
         raise UserError("--variant", f"no variant named {variant!r} in the config", f"choose one of {', '.join(v.name for v in cfg.variants())}")
-    return [(i, m, v) for i, m in models for v in variants]
+    runs = [(i, m, v) for i, m in models for v in variants]
+    if only is not None:
+        runs = [r for r in runs if only in (run_name(r[1], r[2]), r[2].name, r[1].name)]
+        if not runs:
+            names = [run_name(m, v) for _, m, v in select_runs(cfg)]
+            raise UserError("--only", f"no run, model or variant named {only!r}", f"runs: {', '.join(names)}")
+    return runs
 
 
 def eval_split(cfg: Config, splits: dict[str, Optional[list[Sample]]]) -> tuple[Optional[str], Optional[list[Sample]]]:
@@ -41,35 +65,125 @@ def eval_split(cfg: Config, splits: dict[str, Optional[list[Sample]]]) -> tuple[
     return None, None
 
 
-def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = None) -> list[dict[str, Any]]:
-    """Train (and evaluate) the selected runs; returns one summary per run."""
-    runs = select_runs(cfg, model, variant)
-    for i, m, _ in runs:  # refuse impossible precisions before anything loads or is written
-        check_precision(cfg, m, f"models[{i}]")
+def _finished(run_dir: Path, wants_eval: bool) -> bool:
+    return (run_dir / "metrics.json").is_file() and (not wants_eval or (run_dir / "generation_metrics.json").is_file())
+
+
+def _settings_differ(run_dir: Path, expected: dict[str, Any]) -> list[str]:
+    """Top-level sections of the run's saved config.yaml that differ from `expected`."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return ["config.yaml (unreadable)"]
+    return [k for k in _RUN_KEYS if saved.get(k) != expected.get(k)]
+
+
+def _evaluate(run_cfg: Config, model: Any, encoder: Any, samples: list[Sample], run_dir: Path) -> dict[str, Any]:
+    bs = run_cfg.evaluation.batch_size or run_cfg.training.per_device_eval_batch_size
+    return evaluate_samples(model, encoder, samples, run_dir, bs, GenerationSettings.from_training(run_cfg.training),
+                            run_cfg.evaluation.metrics, model_desc=describe_weights(run_dir / "final"))
+
+
+def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[str, Optional[list[Sample]]],
+             bad: dict[str, int]) -> dict[str, Any]:
+    name = run_name(m, v)
+    run_cfg = cfg.for_variant(v)
+    run_dir = cfg.resolved_output_dir() / name
+    split, samples = eval_split(run_cfg, splits)
+    wants_eval = bool(run_cfg.evaluation.enabled and samples)
+    summary: dict[str, Any] = {"run": name, "run_dir": str(run_dir), "model": m.name, "variant": v.name}
+    if _finished(run_dir, wants_eval):
+        differ = _settings_differ(run_dir, resolved_run_config(run_cfg, m, v))
+        if differ:
+            raise UserError(str(run_dir), f"holds a finished run with different {', '.join(differ)} settings",
+                            "delete or move that run directory, or give the changed variant a new name")
+        log.info("%s: finished earlier, reused (files untouched)", name)
+        summary.update(status="complete", reused=True, metrics=read_json(run_dir / "metrics.json"))
+        if wants_eval:
+            summary["generation_metrics"] = read_json(run_dir / "generation_metrics.json")
+            summary["eval_split"] = split
+        return summary
+    if (run_dir / "metrics.json").is_file() and wants_eval and not _settings_differ(run_dir, resolved_run_config(run_cfg, m, v)):
+        # Trained, killed during evaluation: evaluate the saved model (predictions resume).
+        from ..eval.standalone import load_run
+
+        log.info("%s: trained earlier; evaluating it", name)
+        em = load_run(run_dir)
+        metrics = read_json(run_dir / "metrics.json")
+        summary.update(status="complete", reused=False, metrics=metrics,
+                       generation_metrics=_evaluate(run_cfg, em.model, em.encoder, samples, run_dir), eval_split=split)
+        return summary
+    check_precision(run_cfg, m, f"models[{i}]")
+    res = train_run(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]")
+    if bad:  # data.on_bad_sample: skip -- the run says how much data it did not see
+        res["metrics"]["skipped_bad_samples"] = bad
+        atomic_write_json(run_dir / "metrics.json", res["metrics"])
+    summary.update(status="complete", reused=False, metrics=res["metrics"])
+    if wants_eval:
+        summary["generation_metrics"] = _evaluate(run_cfg, res["model"], res["encoder"], samples, run_dir)
+        summary["eval_split"] = split
+    return summary
+
+
+def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = None, only: Optional[str] = None,
+             keep_going: bool = False) -> list[dict[str, Any]]:
+    """Train (and evaluate) the selected runs; one summary per run with its `status`
+    (`complete` or, with `keep_going`, `failed` and the `error`)."""
+    runs = select_runs(cfg, model, variant, only)
+    for i, m, v in runs:  # refuse impossible precisions before anything loads or is written
+        check_precision(cfg.for_variant(v), m, f"models[{i}]")
     if cfg.evaluation.metrics:
         from ..eval.metrics import check_names
 
         check_names(cfg.evaluation.metrics, "evaluation.metrics")
     # The data gate: every row and image header checked before any model loads.
     splits, report = gate(cfg)
-    bad = {k: v["bad"] for k, v in report.counts.items() if v["bad"]}
+    bad = {k: c["bad"] for k, c in report.counts.items() if c["bad"]}
     results = []
     for k, (i, m, v) in enumerate(runs, start=1):
-        log.info("[%d/%d] %s", k, len(runs), run_name(m, v))
-        res = train_run(cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]")
-        if bad:  # data.on_bad_sample: skip -- the run says how much data it did not see
-            res["metrics"]["skipped_bad_samples"] = bad
-            atomic_write_json(Path(res["run_dir"]) / "metrics.json", res["metrics"])
-        summary = {"run": res["run"], "run_dir": res["run_dir"], "metrics": res["metrics"]}
-        split, samples = eval_split(cfg, splits)
-        if cfg.evaluation.enabled and samples:
-            bs = cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size
-            run_dir = Path(res["run_dir"])
-            summary["generation_metrics"] = evaluate_samples(
-                res["model"], res["encoder"], samples, run_dir, bs,
-                GenerationSettings.from_training(cfg.training), cfg.evaluation.metrics,
-                model_desc=describe_weights(run_dir / "final"),
-            )
-            summary["eval_split"] = split
-        results.append(summary)
+        name = run_name(m, v)
+        log.info("[run %d/%d] %s", k, len(runs), name)
+        try:
+            results.append(_one_run(cfg, i, m, v, splits, bad))
+        except (UserError, RuntimeError, ValueError, OSError, MemoryError) as e:
+            if not keep_going:
+                raise
+            msg = e.line() if isinstance(e, UserError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.error("%s failed: %s", name, msg)
+            log.debug("%s", traceback.format_exc())
+            results.append({"run": name, "run_dir": str(cfg.resolved_output_dir() / name), "model": m.name, "variant": v.name,
+                            "status": "failed", "error": msg})
     return results
+
+
+def other_runs(cfg: Config, done: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Results for the config's runs not in `done` (after `--only`): finished ones as they
+    are on disk, the rest `pending` -- so the summary always covers the whole grid."""
+    seen = {r["run"] for r in done}
+    out = []
+    for _, m, v in select_runs(cfg):
+        name = run_name(m, v)
+        if name in seen:
+            continue
+        run_dir = cfg.resolved_output_dir() / name
+        entry: dict[str, Any] = {"run": name, "run_dir": str(run_dir), "model": m.name, "variant": v.name}
+        if (run_dir / "metrics.json").is_file() and not _settings_differ(run_dir, resolved_run_config(cfg.for_variant(v), m, v)):
+            entry.update(status="complete", reused=True)
+        else:
+            entry.update(status="pending", error="not run yet (vlmtune run without --only runs it)")
+        out.append(entry)
+    order = {run_name(m, v): k for k, (_, m, v) in enumerate(select_runs(cfg))}
+    return sorted(out, key=lambda r: order[r["run"]])
+
+
+def describe_runs(cfg: Config, only: Optional[str] = None) -> list[str]:
+    """One line per selected run: what it trains (`vlmtune run --dry-run`)."""
+    from ..train.components import describe_plan, plan_parts
+
+    lines = []
+    for _, m, v in select_runs(cfg, only=only):
+        rc = cfg.for_variant(v)
+        plan = describe_plan(plan_parts(rc.training, rc.visual_encoder_settings))
+        lora = f"r={v.r} alpha={v.alpha:g} dropout={v.dropout:g}"
+        lines.append(f"{run_name(m, v)}: {m.hf_model_id}; mode {rc.training.training_mode}: {plan}; LoRA {lora}; lr {rc.training.learning_rate:g}")
+    return lines

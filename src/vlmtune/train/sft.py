@@ -87,6 +87,7 @@ def training_arguments(cfg: Config, run_dir: Path, name: str, has_eval: bool):
         label_names=["labels"],
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=os.environ.get("VLMTUNE_NO_PROGRESS") == "1",
+        include_num_input_tokens_seen="non_padding",  # tokens/s in ablation_summary.json
     )
     if t.fsdp:
         kwargs["fsdp"] = t.fsdp
@@ -409,10 +410,7 @@ def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples
     for out in ("lora_adapter", "final"):
         recover_swapped_dir(run_dir / out)
     _remove_stale_temp_files(run_dir)
-    resolved = cfg.to_dict()
-    resolved["models"] = [dataclasses.asdict(mcfg)]
-    resolved["lora_variants"] = [dataclasses.asdict(variant)]
-    atomic_write_yaml(run_dir / "config.yaml", resolved)
+    atomic_write_yaml(run_dir / "config.yaml", resolved_run_config(cfg, mcfg, variant))
     atomic_write_json(run_dir / "parameter_report.json", report)
 
     args = training_arguments(cfg, run_dir, name, val_ds is not None)
@@ -439,6 +437,8 @@ def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples
         "global_step": trainer.state.global_step,
         "train_seconds": train_seconds,
         "resumed_from": resume,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+        "peak_memory": _peak_memory(),
         "n_train_samples": len(train_ds),
         "skipped_overlength": len(train_ds.skipped),
     }
@@ -446,6 +446,23 @@ def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples
     # metrics.json last: its presence says the outputs beside it are complete
     atomic_write_json(run_dir / "metrics.json", metrics)
     return {"run": name, "run_dir": str(run_dir), "model": merged, "loaded": lm, "encoder": encoder, "metrics": metrics}
+
+
+def _peak_memory() -> dict[str, Any]:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on a CPU."""
+    if torch.cuda.is_available():
+        return {"bytes": int(torch.cuda.max_memory_allocated()), "kind": "cuda_max_allocated"}
+    import resource
+
+    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "kind": "cpu_max_rss"}
+
+
+def resolved_run_config(cfg: Config, mcfg: ModelConfig, variant: LoraConfig) -> dict[str, Any]:
+    """The config of one run as written to its `config.yaml`."""
+    resolved = cfg.to_dict()
+    resolved["models"] = [dataclasses.asdict(mcfg)]
+    resolved["lora_variants"] = [dataclasses.asdict(variant)]
+    return resolved
 
 
 def save_outputs(model: torch.nn.Module, lm: LoadedModel, run_dir: Path) -> torch.nn.Module:
