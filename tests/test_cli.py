@@ -55,6 +55,9 @@ def test_example_config_and_docs_are_current():
     cfg = load_config(ROOT / "examples" / "vlm_ablation.yaml")
     assert [m.name for m in cfg.models] == ["qwen_vl_chat", "llava_1.5_7b"]
     assert (ROOT / "docs" / "config.md").read_text() == describe_keys() + "\n", "regenerate: python -m vlmtune.config > docs/config.md"
+    grid = load_config(ROOT / "examples" / "demo_grid.yaml")
+    assert [v.name for v in grid.variants()] == ["llm_r16", "both_r32"]
+    assert grid.for_variant(grid.variants()[1]).training.training_mode == "both"
 
 
 def _without_projector(tmp_path: Path) -> Path:

@@ -130,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n".join(describe_runs(cfg, args.only)))
         return 0
-    results = run_grid(cfg, only=args.only, keep_going=True)
+    results = run_grid(cfg, only=args.only, keep_going=True, reuse=True)
     if args.only:
         from .experiment.grid import other_runs, select_runs
         from .train.sft import run_name

@@ -1,7 +1,7 @@
 """Run every model x LoRA variant of a config: train, then (if enabled) evaluate.
 
 Runs are named `<model>__<variant>` and live under `output_dir` (seed 003's tree). The grid
-is resumable run by run:
+is resumable run by run (`vlmtune run`, `reuse=True`):
 
 - a finished run (`metrics.json`, and `generation_metrics.json` when evaluation is on) is
   reused, its files untouched -- unless its saved settings differ from the config's, which
@@ -9,8 +9,9 @@ is resumable run by run:
 - a run trained but not yet evaluated is only evaluated (from its `final/`);
 - an interrupted run resumes from its last complete checkpoint (train_run).
 
-With `keep_going` (vlmtune run) a failing run is recorded with its error and the grid goes on;
-`vlmtune train` stops at the first error instead.
+With `keep_going` (vlmtune run) a failing run is recorded with its error and the grid goes on.
+`vlmtune train` trains every selected run (continuing from its checkpoints) and stops at the
+first error.
 """
 
 from __future__ import annotations
@@ -85,14 +86,14 @@ def _evaluate(run_cfg: Config, model: Any, encoder: Any, samples: list[Sample], 
 
 
 def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[str, Optional[list[Sample]]],
-             bad: dict[str, int]) -> dict[str, Any]:
+             bad: dict[str, int], callbacks: Optional[list[Any]] = None, reuse: bool = True) -> dict[str, Any]:
     name = run_name(m, v)
     run_cfg = cfg.for_variant(v)
     run_dir = cfg.resolved_output_dir() / name
     split, samples = eval_split(run_cfg, splits)
     wants_eval = bool(run_cfg.evaluation.enabled and samples)
     summary: dict[str, Any] = {"run": name, "run_dir": str(run_dir), "model": m.name, "variant": v.name}
-    if _finished(run_dir, wants_eval):
+    if reuse and _finished(run_dir, wants_eval):
         differ = _settings_differ(run_dir, resolved_run_config(run_cfg, m, v))
         if differ:
             raise UserError(str(run_dir), f"holds a finished run with different {', '.join(differ)} settings",
@@ -103,7 +104,7 @@ def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[st
             summary["generation_metrics"] = read_json(run_dir / "generation_metrics.json")
             summary["eval_split"] = split
         return summary
-    if (run_dir / "metrics.json").is_file() and wants_eval and not _settings_differ(run_dir, resolved_run_config(run_cfg, m, v)):
+    if reuse and (run_dir / "metrics.json").is_file() and wants_eval and not _settings_differ(run_dir, resolved_run_config(run_cfg, m, v)):
         # Trained, killed during evaluation: evaluate the saved model (predictions resume).
         from ..eval.standalone import load_run
 
@@ -114,7 +115,7 @@ def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[st
                        generation_metrics=_evaluate(run_cfg, em.model, em.encoder, samples, run_dir), eval_split=split)
         return summary
     check_precision(run_cfg, m, f"models[{i}]")
-    res = train_run(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]")
+    res = train_run(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]", callbacks=callbacks)
     if bad:  # data.on_bad_sample: skip -- the run says how much data it did not see
         res["metrics"]["skipped_bad_samples"] = bad
         atomic_write_json(run_dir / "metrics.json", res["metrics"])
@@ -126,9 +127,12 @@ def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[st
 
 
 def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = None, only: Optional[str] = None,
-             keep_going: bool = False) -> list[dict[str, Any]]:
+             keep_going: bool = False, reuse: bool = False) -> list[dict[str, Any]]:
     """Train (and evaluate) the selected runs; one summary per run with its `status`
-    (`complete` or, with `keep_going`, `failed` and the `error`)."""
+    (`complete` or, with `keep_going`, `failed` and the `error`).
+
+    `reuse` (vlmtune run): finished runs are reused as they are. Without it (vlmtune train)
+    every run trains -- continuing from its checkpoints, e.g. to more steps."""
     runs = select_runs(cfg, model, variant, only)
     for i, m, v in runs:  # refuse impossible precisions before anything loads or is written
         check_precision(cfg.for_variant(v), m, f"models[{i}]")
@@ -139,12 +143,26 @@ def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = 
     # The data gate: every row and image header checked before any model loads.
     splits, report = gate(cfg)
     bad = {k: c["bad"] for k, c in report.counts.items() if c["bad"]}
+    from .progress import GridProgress
+
     results = []
-    for k, (i, m, v) in enumerate(runs, start=1):
-        name = run_name(m, v)
-        log.info("[run %d/%d] %s", k, len(runs), name)
+    progress = GridProgress(len(runs))
+    try:
+        for k, (i, m, v) in enumerate(runs, start=1):
+            _run_one_recorded(cfg, k, len(runs), i, m, v, splits, bad, keep_going, progress, results, reuse)
+    finally:
+        progress.close()
+    return results
+
+
+def _run_one_recorded(cfg: Config, k: int, n: int, i: int, m: ModelConfig, v: LoraConfig, splits: dict[str, Optional[list[Sample]]],
+                      bad: dict[str, int], keep_going: bool, progress: Any, results: list[dict[str, Any]], reuse: bool) -> None:
+    name = run_name(m, v)
+    log.info("[run %d/%d] %s", k, n, name)
+    progress.start_run(k, name)
+    try:
         try:
-            results.append(_one_run(cfg, i, m, v, splits, bad))
+            results.append(_one_run(cfg, i, m, v, splits, bad, [progress.callback()] if progress.enabled else None, reuse))
         except (UserError, RuntimeError, ValueError, OSError, MemoryError) as e:
             if not keep_going:
                 raise
@@ -153,7 +171,8 @@ def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = 
             log.debug("%s", traceback.format_exc())
             results.append({"run": name, "run_dir": str(cfg.resolved_output_dir() / name), "model": m.name, "variant": v.name,
                             "status": "failed", "error": msg})
-    return results
+    finally:
+        progress.end_run()
 
 
 def other_runs(cfg: Config, done: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -370,7 +370,7 @@ def prepare_model(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, where: st
 
 
 def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples: list[Sample], val_samples: Optional[list[Sample]],
-              where: str = "model") -> dict[str, Any]:
+              where: str = "model", callbacks: Optional[list[Any]] = None) -> dict[str, Any]:
     """Train one `<model>__<variant>` run; returns a summary (paths, losses, timings).
 
     Crash safety: with `training.resume: auto` a rerun of the same command continues from the
@@ -421,6 +421,8 @@ def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples
         data_collator=IndexCarryingCollator(Collator(lm.processor.tokenizer.pad_token_id)), vlm_groups=groups,
         nan_policy=cfg.training.nan_policy, sample_ids=[s.id for s in train_ds.samples], run_label=f"run {name}",
     )
+    for cb in callbacks or []:
+        trainer.add_callback(cb)
     resume = last_good_checkpoint(args.output_dir) if cfg.training.resume == "auto" else None
     if resume:
         log.info("run %s: resuming from %s", name, resume)
