@@ -22,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from ..config import Config, DataConfig
 from ..errors import UserError
@@ -299,30 +299,39 @@ def _normalise_record(rec: Any, where: str, sample_id: str, resolve: ImageResolv
     return Sample(id=str(rec.get("id", sample_id)), messages=messages, images=resolved, extra_references=[x for x in extra if x != message_text(messages[-1])])
 
 
-def read_jsonl(path: Path, data: DataConfig, resolve: ImageResolver, problems: Optional[list[UserError]] = None) -> list[Sample]:
-    """Samples of a JSONL file; a bad line raises, or with `problems` is recorded and skipped."""
-    samples = []
+def jsonl_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """('path:line', parsed JSON) for each non-empty line; a line that is not UTF-8 or not
+    JSON gives a UserError in place of the value, for the caller to raise or collect."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise UserError(where, f"not UTF-8 text (byte {e.start} of the line)", "re-save the file as UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(where, f"not valid JSON ({e.msg} at column {e.colno})", "fix the line or remove it") from None
-                sample = _normalise_record(rec, where, f"{path.name}:{lineno}", resolve, data.system_message)
-                sample.origin = where
-                samples.append(sample)
-            except UserError as e:
-                if problems is None:
-                    raise
-                problems.append(e)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, UserError(where, f"not UTF-8 text (byte {e.start} of the line)", "re-save the file as UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, UserError(where, f"not valid JSON ({e.msg} at column {e.colno})", "fix the line or remove it")
+
+
+def read_jsonl(path: Path, data: DataConfig, resolve: ImageResolver, problems: Optional[list[UserError]] = None) -> list[Sample]:
+    """Samples of a JSONL file; a bad line raises, or with `problems` is recorded and skipped."""
+    samples = []
+    for where, rec in jsonl_lines(path):
+        try:
+            if isinstance(rec, UserError):
+                raise rec
+            sample = _normalise_record(rec, where, f"{path.name}:{where.rsplit(':', 1)[1]}", resolve, data.system_message)
+            sample.origin = where
+            samples.append(sample)
+        except UserError as e:
+            if problems is None:
+                raise
+            problems.append(e)
     return samples
 
 

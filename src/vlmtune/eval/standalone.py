@@ -23,7 +23,7 @@ import torch
 
 from ..config import Config, DataConfig, ModelConfig, config_from_dict
 from ..data.collate import Encoder
-from ..data.sources import ImageResolver, Sample, read_csv, read_jsonl, resolve_data_path
+from ..data.sources import ImageResolver, Sample, jsonl_lines, read_csv, read_jsonl, resolve_data_path
 from ..errors import UserError
 from ..io import atomic_write_json
 from .generate import GenerationSettings, describe_weights
@@ -164,29 +164,19 @@ def read_predictions(path: str) -> list[dict[str, Any]]:
     if not p.is_file():
         raise UserError(path, "file not found", "pass a predictions.jsonl written by `vlmtune evaluate` (or one line per sample with prediction and references)")
     out = []
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(where, f"not UTF-8 text (byte {e.start} of the line)", "re-save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(where, f"not valid JSON ({e.msg} at column {e.colno})", "fix the line or remove it") from None
-            if not isinstance(rec, dict):
-                raise UserError(where, "a line must be a JSON object", 'write {"prediction": "...", "references": ["..."]}')
-            if not isinstance(rec.get("prediction"), str):
-                raise UserError(f"{where}: prediction", "missing or not a string", "give every line a prediction string (empty is fine)")
-            refs = rec.get("references")
-            if isinstance(refs, str):
-                refs = [refs]
-            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-                raise UserError(f"{where}: references", "must be a non-empty list of strings", 'write "references": ["a red circle"]')
-            out.append({**rec, "references": refs})
+    for where, rec in jsonl_lines(p):
+        if isinstance(rec, UserError):
+            raise rec
+        if not isinstance(rec, dict):
+            raise UserError(where, "a line must be a JSON object", 'write {"prediction": "...", "references": ["..."]}')
+        if not isinstance(rec.get("prediction"), str):
+            raise UserError(f"{where}: prediction", "missing or not a string", "give every line a prediction string (empty is fine)")
+        refs = rec.get("references")
+        if isinstance(refs, str):
+            refs = [refs]
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+            raise UserError(f"{where}: references", "must be a non-empty list of strings", 'write "references": ["a red circle"]')
+        out.append({**rec, "references": refs})
     if not out:
         raise UserError(path, "no predictions", "the file is empty")
     return out
