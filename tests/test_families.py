@@ -213,3 +213,19 @@ def test_image_processor_overrides_change_the_image_token_count(shapes_dir):
     assert tiled == 5 * one_tile  # 2x2 tiles + the global image
     with pytest.raises(UserError, match="has no setting 'do_splitting'"):
         n_image_tokens({"do_splitting": False})
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_inspect_estimate_equals_what_training_makes_trainable(loaded, mode):
+    """`vlmtune inspect`'s per-mode estimate is exactly what apply_plan then trains."""
+    from vlmtune.config import LoraConfig
+    from vlmtune.train.components import estimate_trainable, parameter_report
+
+    fam, _ = loaded
+    lm = _fresh(fam)
+    lora = LoraConfig(name="v", r=4, alpha=8, dropout=0.0)
+    plan = plan_parts(TrainingConfig(training_mode=mode), VisualEncoderSettings())
+    est = estimate_trainable(lm.model, lm.parts, lm.family, plan, lora)
+    model = apply_plan(lm.model, lm.parts, lm.family, plan, lora)
+    actual = {p: v["trainable"] for p, v in parameter_report(model, lm.parts)["parts"].items() if p != "other"}
+    assert est == actual

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 TINY_PREFIX = "tiny:"
-TINY_VERSION = 2  # bump when a builder changes: cached models are keyed by it
+TINY_VERSION = 3  # bump when a builder changes: cached models are keyed by it
 
 # A small English corpus for the tokenizer: common words, colours, shapes, positions, numbers
 # and question words, so short answers in tests and the demo are a few tokens each.

@@ -241,11 +241,18 @@ def estimate_trainable(model: nn.Module, parts: PartMap, family: Optional[Family
     per_part = {"llm": lora.llm_target_modules, "vision": lora.vision_target_modules, "projector": lora.projector_target_modules}
     out = {p: 0 for p in PART_NAMES}
     no_targets = _parts_without_lora_targets(model, parts, family, plan, lora)  # trained fully
+    never = family.never_trained_in(model) if family else ()
+    # as apply_plan: bare-parameter roots cannot ride in a LoRA adapter, so they stay frozen
+    uses_lora = any(plan[q].train == "lora" and parts.roots.get(q) and q not in no_targets for q in PART_NAMES)
+    frozen_roots = {r for q in PART_NAMES for r in parts.roots.get(q, []) if r not in modules} if uses_lora else set()
     for p in PART_NAMES:
         if plan[p].train == "full" or p in no_targets:
-            out[p] = sum(x.numel() for n, x in model.named_parameters() if parts.part_of(n) == p)
+            out[p] = sum(x.numel() for n, x in model.named_parameters()
+                         if parts.part_of(n) == p and not (never and n.startswith(never)) and n not in frozen_roots)
         elif plan[p].train == "lora" and parts.roots.get(p):
             for n in lora_target_names(model, parts, family, p, per_part[p]):
+                if never and (n + ".").startswith(never):
+                    continue
                 m = modules[n]
                 out[p] += (lora.r or 16) * (m.in_features + m.out_features)
     return out

@@ -63,6 +63,8 @@ def build_llava():
             model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
             bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+            # at width 64 the default 0.02 init leaves logits nearly flat under a frozen head (see qwen.py)
+            initializer_range=0.1,
         ),
         image_token_index=ids["<image>"],
         image_seq_length=(image_size // patch) ** 2,
