@@ -29,6 +29,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def remove_stale_temp_files(folder: str | os.PathLike) -> None:
+    """Delete the temp files (`.<name>.<random>.tmp`) that `atomic_write_text` leaves when a
+    process is killed between writing and renaming: they never held a finished result."""
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file():
+            p.unlink()
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 

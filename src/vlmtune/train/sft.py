@@ -21,7 +21,7 @@ from ..config import Config, LoraConfig, ModelConfig
 from ..data.collate import Collator, Encoder, SFTDataset
 from ..data.sources import Sample, load_split
 from ..errors import UserError
-from ..io import atomic_write_json, atomic_write_yaml
+from ..io import atomic_write_json, atomic_write_yaml, remove_stale_temp_files
 from ..models.loading import LoadedModel, load_model
 from .checkpoints import last_good_checkpoint
 from .components import apply_plan, describe_plan, format_report, param_groups, parameter_report, plan_parts
@@ -336,13 +336,6 @@ def recover_swapped_dir(path: Path) -> None:
         shutil.rmtree(tmp)
 
 
-def _remove_stale_temp_files(run_dir: Path) -> None:
-    """`atomic_write_*` temp files (`.name.XXXX.tmp`) a kill left behind in the run folder."""
-    for p in run_dir.glob(".*.tmp"):
-        if p.is_file():
-            p.unlink()
-
-
 def _loss_history(log_history: list[dict]) -> dict[str, Any]:
     """Loss curves from `trainer.state.log_history`.
 
@@ -409,7 +402,7 @@ def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples
     run_dir.mkdir(parents=True, exist_ok=True)
     for out in ("lora_adapter", "final"):
         recover_swapped_dir(run_dir / out)
-    _remove_stale_temp_files(run_dir)
+    remove_stale_temp_files(run_dir)
     atomic_write_yaml(run_dir / "config.yaml", resolved_run_config(cfg, mcfg, variant))
     atomic_write_json(run_dir / "parameter_report.json", report)
 
