@@ -132,11 +132,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     results = run_grid(cfg, only=args.only, keep_going=True, reuse=True)
     if args.only:
-        from .experiment.grid import other_runs, select_runs
-        from .train.sft import run_name
+        from .experiment.grid import whole_grid
 
-        order = {run_name(m, v): k for k, (_, m, v) in enumerate(select_runs(cfg))}
-        results = sorted(results + other_runs(cfg, results), key=lambda r: order[r["run"]])
+        results = whole_grid(cfg, results)
     out = cfg.resolved_output_dir()
     summary = build_summary(cfg, results)
     atomic_write_json(out / "ablation_summary.json", summary)

@@ -166,6 +166,13 @@ def load_checked_splits(cfg: Config, full_decode: bool = False) -> tuple[dict[st
     return splits, report
 
 
+def refuse(problems: list[Problem], extra_fix: str = "") -> UserError:
+    """One-line error for the first of `problems`, saying how many more there are."""
+    first, more = problems[0], len(problems) - 1
+    suffix = f" (and {more} more problem{'s' if more != 1 else ''}: `vlmtune check` lists them all)" if more else ""
+    return UserError(first.where, first.what + suffix, first.fix + extra_fix)
+
+
 def gate(cfg: Config) -> tuple[dict[str, Optional[list[Sample]]], Report]:
     """The data check `train`/`run` pass before any model loads (image headers only).
 
@@ -174,12 +181,10 @@ def gate(cfg: Config) -> tuple[dict[str, Optional[list[Sample]]], Report]:
     """
     splits, report = load_checked_splits(cfg, full_decode=False)
     fatal = [p for p in report.errors if p.fatal]
-    if report.errors and (cfg.data.on_bad_sample == "error" or fatal):
-        first = fatal[0] if fatal else report.errors[0]
-        more = len(report.errors) - 1
-        suffix = f" (and {more} more problem{'s' if more != 1 else ''}: `vlmtune check CONFIG` lists them all)" if more else ""
-        fix = first.fix + ("" if fatal else "; or set data.on_bad_sample: skip to train without the bad samples")
-        raise UserError(first.where, first.what + suffix, fix)
+    if fatal:
+        raise refuse(fatal + [p for p in report.errors if not p.fatal])
+    if report.errors and cfg.data.on_bad_sample == "error":
+        raise refuse(report.errors, "; or set data.on_bad_sample: skip to train without the bad samples")
     for p in report.errors:
         log.warning("skipping a bad sample: %s", p.line())
     if report.errors:

@@ -184,9 +184,7 @@ def _coco_metric(fn_name: str) -> Callable[[Inputs], dict[str, Any]]:
         if isinstance(tok, Exception):
             return {"value": None, "ci95": None, "reason": str(tok)}
         out = getattr(coco, fn_name)(tok, inp.bootstrap)
-        from .coco import find_java
-
-        out["java"] = find_java()[1]
+        out["java"] = coco.find_java()[1]
         return out
 
     return run

@@ -133,7 +133,7 @@ def eval_data_config(image_column: str, query_column: Optional[str], annotation_
 
 
 def load_eval_samples(path: str, data: DataConfig, where: str) -> list[Sample]:
-    from ..data.check import check_images
+    from ..data.check import check_images, refuse
 
     p = resolve_data_path(path, None, where)
     resolver = ImageResolver.for_config(p, data, None)
@@ -143,8 +143,7 @@ def load_eval_samples(path: str, data: DataConfig, where: str) -> list[Sample]:
     # The same gate as training: every image header read before the model loads.
     _, problems = check_images(samples, full_decode=False, image_column=data.image_column)
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(problems[0].where, problems[0].what + more, problems[0].fix)
+        raise refuse(problems)
     return samples
 
 

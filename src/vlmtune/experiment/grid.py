@@ -3,10 +3,10 @@
 Runs are named `<model>__<variant>` and live under `output_dir` (seed 003's tree). The grid
 is resumable run by run (`vlmtune run`, `reuse=True`):
 
+- a trained run whose saved settings differ from the config's is reported as a failure rather
+  than silently mixed into the summary;
 - a finished run (`metrics.json`, and `generation_metrics.json` when evaluation is on) is
-  reused, its files untouched -- unless its saved settings differ from the config's, which
-  is reported as a failure rather than silently mixed into the summary;
-- a run trained but not yet evaluated is only evaluated (from its `final/`);
+  reused, its files untouched; a run trained but not yet evaluated is only evaluated;
 - an interrupted run resumes from its last complete checkpoint (train_run).
 
 With `keep_going` (vlmtune run) a failing run is recorded with its error and the grid goes on.
@@ -28,7 +28,7 @@ from ..data.check import gate
 from ..data.sources import Sample
 from ..errors import UserError
 from ..eval.generate import GenerationSettings, describe_weights, evaluate_samples
-from ..io import atomic_write_json, read_json
+from ..io import read_json
 from ..train.sft import check_precision, resolved_run_config, run_name, train_run
 
 log = logging.getLogger("vlmtune")
@@ -93,32 +93,30 @@ def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[st
     split, samples = eval_split(run_cfg, splits)
     wants_eval = bool(run_cfg.evaluation.enabled and samples)
     summary: dict[str, Any] = {"run": name, "run_dir": str(run_dir), "model": m.name, "variant": v.name}
-    if reuse and _finished(run_dir, wants_eval):
+    if reuse and (run_dir / "metrics.json").is_file():  # trained earlier
         differ = _settings_differ(run_dir, resolved_run_config(run_cfg, m, v))
         if differ:
-            raise UserError(str(run_dir), f"holds a finished run with different {', '.join(differ)} settings",
+            raise UserError(str(run_dir), f"holds a trained run with different {', '.join(differ)} settings",
                             "delete or move that run directory, or give the changed variant a new name")
-        log.info("%s: finished earlier, reused (files untouched)", name)
-        summary.update(status="complete", reused=True, metrics=read_json(run_dir / "metrics.json"))
-        if wants_eval:
-            summary["generation_metrics"] = read_json(run_dir / "generation_metrics.json")
-            summary["eval_split"] = split
-        return summary
-    if reuse and (run_dir / "metrics.json").is_file() and wants_eval and not _settings_differ(run_dir, resolved_run_config(run_cfg, m, v)):
-        # Trained, killed during evaluation: evaluate the saved model (predictions resume).
+        metrics = read_json(run_dir / "metrics.json")
+        if _finished(run_dir, wants_eval):
+            log.info("%s: finished earlier, reused (files untouched)", name)
+            summary.update(status="complete", reused=True, metrics=metrics)
+            if wants_eval:
+                summary.update(generation_metrics=read_json(run_dir / "generation_metrics.json"), eval_split=split)
+            return summary
+        # Killed during evaluation: evaluate the saved model (its predictions resume).
         from ..eval.standalone import load_run
 
         log.info("%s: trained earlier; evaluating it", name)
         em = load_run(run_dir)
-        metrics = read_json(run_dir / "metrics.json")
         summary.update(status="complete", reused=False, metrics=metrics,
                        generation_metrics=_evaluate(run_cfg, em.model, em.encoder, samples, run_dir), eval_split=split)
         return summary
     check_precision(run_cfg, m, f"models[{i}]")
-    res = train_run(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]", callbacks=callbacks)
-    if bad:  # data.on_bad_sample: skip -- the run says how much data it did not see
-        res["metrics"]["skipped_bad_samples"] = bad
-        atomic_write_json(run_dir / "metrics.json", res["metrics"])
+    # data.on_bad_sample: skip -- the run's metrics say how much data it did not see
+    res = train_run(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]", callbacks=callbacks,
+                    extra_metrics={"skipped_bad_samples": bad} if bad else None)
     summary.update(status="complete", reused=False, metrics=res["metrics"])
     if wants_eval:
         summary["generation_metrics"] = _evaluate(run_cfg, res["model"], res["encoder"], samples, run_dir)
@@ -175,14 +173,15 @@ def _run_one_recorded(cfg: Config, k: int, n: int, i: int, m: ModelConfig, v: Lo
         progress.end_run()
 
 
-def other_runs(cfg: Config, done: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Results for the config's runs not in `done` (after `--only`): finished ones as they
-    are on disk, the rest `pending` -- so the summary always covers the whole grid."""
-    seen = {r["run"] for r in done}
+def whole_grid(cfg: Config, done: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every run of the config in grid order: `done` (after `--only`), the others as they are
+    on disk (finished: reused; otherwise `pending`) -- so the summary always covers the grid."""
+    by_name = {r["run"]: r for r in done}
     out = []
     for _, m, v in select_runs(cfg):
         name = run_name(m, v)
-        if name in seen:
+        if name in by_name:
+            out.append(by_name[name])
             continue
         run_dir = cfg.resolved_output_dir() / name
         entry: dict[str, Any] = {"run": name, "run_dir": str(run_dir), "model": m.name, "variant": v.name}
@@ -191,8 +190,7 @@ def other_runs(cfg: Config, done: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             entry.update(status="pending", error="not run yet (vlmtune run without --only runs it)")
         out.append(entry)
-    order = {run_name(m, v): k for k, (_, m, v) in enumerate(select_runs(cfg))}
-    return sorted(out, key=lambda r: order[r["run"]])
+    return out
 
 
 def describe_runs(cfg: Config, only: Optional[str] = None) -> list[str]:

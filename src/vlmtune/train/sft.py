@@ -363,7 +363,7 @@ def prepare_model(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, where: st
 
 
 def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples: list[Sample], val_samples: Optional[list[Sample]],
-              where: str = "model", callbacks: Optional[list[Any]] = None) -> dict[str, Any]:
+              where: str = "model", callbacks: Optional[list[Any]] = None, extra_metrics: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Train one `<model>__<variant>` run; returns a summary (paths, losses, timings).
 
     Crash safety: with `training.resume: auto` a rerun of the same command continues from the
@@ -436,6 +436,7 @@ def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples
         "peak_memory": _peak_memory(),
         "n_train_samples": len(train_ds),
         "skipped_overlength": len(train_ds.skipped),
+        **(extra_metrics or {}),
     }
     merged = save_outputs(model, lm, run_dir)
     # metrics.json last: its presence says the outputs beside it are complete
