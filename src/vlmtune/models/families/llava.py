@@ -22,6 +22,22 @@ def unused_vision_layers(model, layers_path: str) -> tuple[str, ...]:
     return tuple(f"{layers_path}.{i}." for i in range(used, n))
 
 
+def tiny_llama_tokenizer(specials: list[str], chat_template: str):
+    """The tiny tokenizer of the llava-hf checkpoints' Llama/Mistral style: <s> BOS, </s> EOS."""
+    from ..tiny import train_tokenizer
+
+    tok = train_tokenizer(specials, bos="<s>")
+    tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token = "<unk>", "<s>", "</s>", "<pad>"
+    tok.chat_template = chat_template
+    return tok
+
+
+def tiny_clip_vision_config(image_size: int, patch: int) -> dict:
+    """A 2-layer, 64-wide CLIP vision tower."""
+    return dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, image_size=image_size, patch_size=patch, projection_dim=64)
+
+
 def _llava_processor() -> type:
     from transformers import LlavaProcessor
 
@@ -42,11 +58,7 @@ LLAVA_CHAT_TEMPLATE = (
 def build_llava():
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from ..tiny import train_tokenizer
-
-    tok = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos="<s>")
-    tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token = "<unk>", "<s>", "</s>", "<pad>"
-    tok.chat_template = LLAVA_CHAT_TEMPLATE
+    tok = tiny_llama_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], LLAVA_CHAT_TEMPLATE)
     image_size, patch = 56, 14
     ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     proc = LlavaProcessor(
@@ -55,10 +67,7 @@ def build_llava():
     )
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
     cfg = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, image_size=image_size, patch_size=patch, projection_dim=64,
-        ),
+        vision_config=tiny_clip_vision_config(image_size, patch),
         text_config=dict(
             model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,

@@ -21,7 +21,7 @@ Quirks:
 from __future__ import annotations
 
 from . import LLM_TARGETS, Family, register
-from .llava import unused_vision_layers
+from .llava import tiny_clip_vision_config, tiny_llama_tokenizer, unused_vision_layers
 
 
 def _llava_next_processor() -> type:
@@ -48,11 +48,7 @@ def build_llava_next() -> tuple:
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    from ..tiny import train_tokenizer
-
-    tok = train_tokenizer(["<unk>", "<s>", "</s>", "<image>", "<pad>"], bos="<s>")
-    tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token = "<unk>", "<s>", "</s>", "<pad>"
-    tok.chat_template = LLAVA_NEXT_CHAT_TEMPLATE
+    tok = tiny_llama_tokenizer(["<unk>", "<s>", "</s>", "<image>", "<pad>"], LLAVA_NEXT_CHAT_TEMPLATE)
     tile, patch = 28, 14
     # The real grid is [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] for 336 px
     # tiles; the tiny one keeps the 1x2 / 2x1 / 2x2 shapes only.
@@ -66,10 +62,7 @@ def build_llava_next() -> tuple:
     )
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
     cfg = LlavaNextConfig(
-        vision_config=dict(
-            model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, image_size=tile, patch_size=patch, projection_dim=64,
-        ),
+        vision_config=tiny_clip_vision_config(tile, patch),
         text_config=dict(
             model_type="mistral", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, sliding_window=None,
