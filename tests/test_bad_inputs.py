@@ -145,7 +145,55 @@ def _(d):
 def _(d):
     p = _csv(d, OK_ROW)
     p.write_bytes(p.read_bytes() + "images/ok.png,Couleur?,rouge\xe9\n".encode("latin-1"))
-    return _config(d), f"{p}:3", "not UTF-8 text (byte offset"
+    return _config(d), f"{p}:3", "not UTF-8 text (byte 0xe9 at byte offset"
+
+
+@case("csv_utf16_without_bom")
+def _(d):
+    p = d / "train.csv"
+    p.write_bytes(f"url,instruction,response\n{OK_ROW}\n".encode("utf-16-le"))
+    return _config(d), f"{p}:1", "NUL characters in the text: UTF-16 without a byte-order mark"
+
+
+@case("csv_unclosed_quote")
+def _(d):
+    p = _csv(d, OK_ROW, 'images/ok.png,"What color?,red', OK_ROW)
+    return _config(d), f"{p}:3", "not valid CSV (unexpected end of data)"
+
+
+@case("jsonl_not_utf8")
+def _(d):
+    p = _jsonl(d, _ok_rec())
+    p.write_bytes(p.read_bytes() + (json.dumps(_ok_rec(text="<image>Couleur?", answer="rouge\xe9"), ensure_ascii=False) + "\n").encode("latin-1"))
+    return _config(d, {"train_csv": None, "train_jsonl": str(p)}), f"{p}:2", "not UTF-8 text (byte 0xe9 at byte offset"
+
+
+@case("config_out_of_range")
+def _(d):
+    _csv(d, OK_ROW)
+    cfg = _config(d, training={"learning_rate": -1e-4})
+    return cfg, f"{cfg}: training.learning_rate", "-0.0001 is out of range: must be > 0"
+
+
+@case("config_variant_out_of_range")
+def _(d):
+    _csv(d, OK_ROW)
+    cfg = _config(d, lora_variants=[{"name": "a"}, {"name": "b", "training": {"warmup_ratio": 2}}])
+    return cfg, f"{cfg}: lora_variants.b.training.warmup_ratio", "must be in [0, 1]"
+
+
+@case("config_unknown_scheduler")
+def _(d):
+    _csv(d, OK_ROW)
+    cfg = _config(d, training={"lr_scheduler_type": "cosin"})
+    return cfg, f"{cfg}: training.lr_scheduler_type", "did you mean 'cosine'"
+
+
+@case("config_pixel_bounds_unordered")
+def _(d):
+    _csv(d, OK_ROW)
+    cfg = _config(d, models=[{"name": "m", "hf_model_id": "tiny:qwen2_5_vl", "min_pixels": 3136, "max_pixels": 784}])
+    return cfg, f"{cfg}: models[0].max_pixels", "784 is less than min_pixels (3136)"
 
 
 @case("csv_no_rows")
@@ -189,6 +237,20 @@ CASES["image_over_pixel_limit"] = _image_case(lambda p: p.write_bytes(_png_heade
 CASES["image_absurd_aspect"] = _image_case(lambda p: Image.new("RGB", (1, 300)).save(p), "thin.png")
 CASES["image_unsupported_format"] = _image_case(lambda p: Image.new("RGB", (8, 8)).save(p, format="PPM"), "x.png")
 CASES["image_zero_size"] = _image_case(lambda p: p.write_bytes(_png_header(0, 10)), "zero.png")
+
+
+@case("image_over_configured_pixel_cap")
+def _(d):
+    Image.new("RGB", (57, 56)).save(d / "images" / "wide.png")  # 3192 pixels; ok.png is 56x56 = 3136, at the cap
+    _csv(d, OK_ROW, "images/wide.png,What color?,red")
+    return _config(d, {"max_image_pixels": 3136}), f"{d / 'train.csv'}:3: url", "more than data.max_image_pixels (3,136)"
+
+
+@case("config_pixel_cap_out_of_range")
+def _(d):
+    _csv(d, OK_ROW)
+    cfg = _config(d, {"max_image_pixels": 0})
+    return cfg, f"{cfg}: data.max_image_pixels", "0 is out of range"
 
 
 @case("jsonl_not_json")
@@ -314,3 +376,32 @@ def test_model_errors_are_one_line_and_leave_no_run_dir(tmp_path, capsys, model,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and re.search(message, err[0]), err
     assert not (d / "out").exists()
+
+
+@pytest.mark.parametrize("bom, encoding, eol", [(b"\xef\xbb\xbf", "utf-8", "\r\n"), (b"\xff\xfe", "utf-16-le", "\n"), (b"\xfe\xff", "utf-16-be", "\r\n")],
+                         ids=["excel_utf8_bom_crlf", "utf16_le", "utf16_be"])
+def test_text_saved_by_other_tools_passes_check(tmp_path, capsys, bom, encoding, eol):
+    """Excel's "CSV UTF-8" (byte-order mark + CRLF) and UTF-16 with a byte-order mark, CSV and
+    JSONL: no errors, every row read (the same samples as UTF-8: tests/test_data.py)."""
+    d = tmp_path / "w"
+    _base(d)
+    text = "\n".join(["url,instruction,response", OK_ROW, 'images/ok.png,"What color\nexactly?",red']) + "\n"
+    (d / "train.csv").write_bytes(bom + text.replace("\n", eol).encode(encoding))
+    (d / "test.jsonl").write_bytes(bom + "".join(json.dumps(_ok_rec()) + eol for _ in range(3)).encode(encoding))
+    assert main(["check", str(_config(d, {"test_jsonl": str(d / "test.jsonl")})), "--no-tokens"]) == 0
+    out = capsys.readouterr().out
+    assert "data: train: 2 samples, test: 3 samples" in out and out.rstrip().endswith("0 errors, 0 warnings"), out
+
+
+@pytest.mark.parametrize("policy, code, prefix", [("error", 1, ""), ("skip", 0, "warning: ")])
+def test_check_says_when_image_tokens_alone_fill_max_length(tmp_path, capsys, policy, code, prefix):
+    """56x56 images at min/max_pixels 3136 are 4 image tokens: max_length 4 leaves no room for
+    text (a check of the token count, which needs the processor, not of the config)."""
+    d = tmp_path / "w"
+    _base(d)
+    _csv(d, OK_ROW, OK_ROW)
+    cfg = _config(d, {"max_length": 4, "on_overlength": policy})
+    assert main(["check", str(cfg)]) == code
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"{prefix}data.max_length:")]
+    assert len(lines) == 1 and "4 leaves no room for text: the image tokens alone reach it in " in lines[0], lines
+    assert f"{d / 'train.csv'}:2 and 1 more sample (up to 4 image tokens with m)" in lines[0] and "raise data.max_length above 4" in lines[0]

@@ -95,3 +95,18 @@ def test_newly_initialized_weights_are_reported_and_xavier_reinitialised(tmp_pat
             assert bool((p == 0).all())
     # Loaded weights are untouched by the re-init.
     assert torch.equal(params["model.visual.blocks.0.attn.qkv.weight"], plain["model.visual.blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--num-beams", "0", "--num-beams: 0 is out of range: must be >= 1 — use a value >= 1, e.g. 1 (the default)"),
+    ("--top-p", "1.5", "--top-p: 1.5 is out of range: must be in (0, 1]"),
+    ("--temperature", "0", "--temperature: 0.0 is out of range: must be > 0"),
+    ("--batch-size", "0", "--batch-size: 0 is out of range: must be >= 1"),
+    ("--limit", "0", "--limit: 0 is out of range: must be >= 1"),
+    ("--max-new-tokens", "0", "--max-new-tokens: 0 is out of range: must be >= 1"),
+])
+def test_evaluate_flags_get_their_config_keys_range_before_anything_loads(tmp_path, capsys, flag, value, words):
+    # The data file does not exist: an error about it would mean the flag went unchecked.
+    assert main(["evaluate", "--model-id", "tiny:qwen2_5_vl", "--csv", str(tmp_path / "absent.csv"), flag, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {words}"), err

@@ -115,7 +115,7 @@ def test_jsonl_errors_name_the_line(folder, line, words):
 def test_non_utf8_csv_reports_byte_offset(folder):
     p = folder / "latin.csv"
     p.write_bytes(b"url,instruction,response\nimg/a.png,caf\xe9,red\n")
-    with pytest.raises(UserError, match=r"latin.csv:2: not UTF-8 text \(byte offset 38\)"):
+    with pytest.raises(UserError, match=r"latin.csv:2: not UTF-8 text \(byte 0xe9 at byte offset 38\) — save the file as UTF-8"):
         read_csv(p, DataConfig(), ImageResolver(p, None, None))
 
 
@@ -140,3 +140,83 @@ def test_several_reference_answers_from_csv_and_jsonl(folder):
                                       "images": ["img/a.png"], "references": ["2", "two", "a pair"]}])
     [s] = read_jsonl(j, d, ImageResolver(j, None, None))
     assert s.references == ["two", "2", "a pair"]
+
+
+# --------------------------------------------------------------------------------------
+# Text data as people have it: one decoder (sources.read_text) for every CSV/JSONL reader.
+
+CSV_TEXT = 'url,instruction,response\nimg/a.png,"What color\nis it?",red\nimg/b.png,Color?,blue\n'
+JSONL_TEXT = "".join(json.dumps(r) + "\n" for r in [
+    {"messages": [{"role": "user", "content": "<image>What color?"}, {"role": "assistant", "content": "red"}], "images": ["img/a.png"]},
+    {"conversations": [{"from": "human", "value": "<image>Color?"}, {"from": "gpt", "value": "blue"}], "image": "img/b.png"},
+])
+# name -> how a file's text is saved: (byte-order mark, encoding, line end)
+SAVED_AS = {
+    "utf8": (b"", "utf-8", "\n"),
+    "excel_utf8_bom_crlf": (b"\xef\xbb\xbf", "utf-8", "\r\n"),
+    "utf8_cr": (b"", "utf-8", "\r"),
+    "utf16_le_bom": (b"\xff\xfe", "utf-16-le", "\r\n"),
+    "utf16_be_bom": (b"\xfe\xff", "utf-16-be", "\n"),
+}
+
+
+def _save(path, text, how):
+    bom, encoding, eol = SAVED_AS[how]
+    path.write_bytes(bom + text.replace("\n", eol).encode(encoding))
+    return path
+
+
+def _as_loaded(samples):
+    return [(s.id, s.messages, s.images) for s in samples]
+
+
+@pytest.mark.parametrize("how", sorted(SAVED_AS))
+def test_csv_in_any_common_encoding_loads_the_same_samples(folder, how):
+    d = DataConfig()
+    plain = _save(folder / "plain.csv", CSV_TEXT, "utf8")
+    other = _save(folder / f"{how}.csv", CSV_TEXT, how)
+    want = read_csv(plain, d, ImageResolver(plain, None, None))
+    got = read_csv(other, d, ImageResolver(other, None, None))
+    assert _as_loaded(got) == [(i.replace("plain", how), m, im) for i, m, im in _as_loaded(want)]
+    # The quoted two-line instruction keeps its line break ('\n' whatever the file's line ends),
+    # and the row after it is named by the line it starts on.
+    assert got[0].query == "What color\nis it?" and [s.id for s in got] == [f"{how}.csv:2", f"{how}.csv:4"]
+
+
+@pytest.mark.parametrize("how", sorted(SAVED_AS))
+def test_jsonl_in_any_common_encoding_loads_the_same_samples(folder, how):
+    d = DataConfig()
+    plain = _save(folder / "plain.jsonl", JSONL_TEXT, "utf8")
+    other = _save(folder / f"{how}.jsonl", JSONL_TEXT, how)
+    want = read_jsonl(plain, d, ImageResolver(plain, None, None))
+    got = read_jsonl(other, d, ImageResolver(other, None, None))
+    assert _as_loaded(got) == [(i.replace("plain", how), m, im) for i, m, im in _as_loaded(want)]
+
+
+def test_csv_row_numbers_stay_right_after_multi_line_cells(folder):
+    p = folder / "multi.csv"
+    p.write_text('url,instruction,response\n\nimg/a.png,"one\ntwo\nthree",red\nimg/b.png,Q,\n', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_csv(p, DataConfig(), ImageResolver(p, None, None))
+    # lines: 1 header, 2 blank, 3-5 the three-line row, 6 the row with the empty response
+    assert e.value.line().startswith(f"{p}:6: response: empty")
+
+
+@pytest.mark.parametrize("name, data, where, words", [
+    ("latin1.csv", "url,instruction,response\nimg/a.png,Q,red\nimg/b.png,caf\xe9,blue\n".encode("latin-1"), 3, "not UTF-8 text (byte 0xe9 at byte offset 54)"),
+    ("latin1.jsonl", (JSONL_TEXT + JSONL_TEXT.replace("Color?", "Couleur\xe9?")).encode("latin-1"), 4, "not UTF-8 text (byte 0xe9 at byte offset"),
+    ("after_multiline.csv", 'url,instruction,response\nimg/a.png,"Q\nQ",red\nimg/b.png,caf\xe9,blue\n'.encode("latin-1"), 4, "not UTF-8 text (byte 0xe9"),
+    ("utf16_no_bom.csv", CSV_TEXT.encode("utf-16-le"), 1, "NUL characters in the text: UTF-16 without a byte-order mark"),
+    ("utf16_no_bom.jsonl", JSONL_TEXT.encode("utf-16-be"), 1, "NUL characters in the text: UTF-16 without a byte-order mark"),
+    ("utf16_cut.csv", b"\xff\xfe" + CSV_TEXT.encode("utf-16-le") + b"x", 5, "not UTF-16 text (byte 0x78"),  # an odd byte after the last line end
+    ("unclosed_quote.csv", b'url,instruction,response\nimg/a.png,Q,red\nimg/b.png,"never closed,blue\nimg/a.png,Q,red\n', 3, "not valid CSV (unexpected end of data)"),
+])
+def test_undecodable_files_name_the_file_and_line_of_the_first_bad_byte(folder, name, data, where, words):
+    p = folder / name
+    p.write_bytes(data)
+    reader = read_csv if name.endswith(".csv") else read_jsonl
+    with pytest.raises(UserError) as e:
+        reader(p, DataConfig(), ImageResolver(p, None, None), problems=[])  # a file-level error even when rows are collected
+    line = e.value.line()
+    assert line.startswith(f"{p}:{where}: {words}") and "\n" not in line, line
+    assert "quote" in line if "CSV" in words else "save the file as UTF-8" in line

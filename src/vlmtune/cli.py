@@ -44,28 +44,12 @@ def _setup_logging(debug: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _parse_set(pairs: list[str]) -> dict[str, Any]:
-    """`--set training.max_steps=10` -> {"training": {"max_steps": 10}} (values parsed as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"--set {pair}", "expected key.path=value", "e.g. --set training.max_steps=10")
-        key, val = pair.split("=", 1)
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(val)
-    return out
-
-
 def load_cli_config(path: str, sets: Optional[list[str]] = None):
-    """Load a config file with `--set` overrides merged in before validation."""
+    """Load a config file with `--set key.path=value` overrides (list items by index, e.g.
+    `models.0.hf_model_id`; see `config.apply_sets`) applied before validation."""
     from .config import load_config
 
-    return load_config(path, overrides=_parse_set(sets) if sets else None)
+    return load_config(path, sets=sets or None)
 
 
 def _slug(model_id: str) -> str:
@@ -74,7 +58,7 @@ def _slug(model_id: str) -> str:
 
 def quick_config(args: argparse.Namespace):
     """The seed 002 quick form: `--dataset data.jsonl --model-id ID --mode llm`."""
-    from .config import TRAINING_MODES, config_from_dict, deep_merge
+    from .config import TRAINING_MODES, apply_sets, config_from_dict
 
     mode = args.mode or os.environ.get("TRAINING_MODE") or "llm"
     if mode not in TRAINING_MODES:
@@ -89,7 +73,7 @@ def quick_config(args: argparse.Namespace):
         "training": {"training_mode": mode},
     }
     if args.set:
-        raw = deep_merge(raw, _parse_set(args.set))
+        raw = apply_sets(raw, args.set)  # the same paths as with a config file: models.0.min_pixels=3136
     return config_from_dict(raw, "command line")
 
 
@@ -107,6 +91,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise UserError("train", "nothing to train", "pass a CONFIG.yaml or --dataset data.jsonl --model-id ID")
     results = run_grid(cfg, args.model, args.variant)
+    from . import dist
+
+    if not dist.is_main():
+        return 0  # rank 0 reports for every rank
     for r in results:
         gm = r.get("generation_metrics") or {}
         em = gm.get("exact_match", {}).get("value")
@@ -131,6 +119,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\n".join(describe_runs(cfg, args.only)))
         return 0
     results = run_grid(cfg, only=args.only, keep_going=True, reuse=True)
+    from . import dist
+
+    if not dist.is_main():
+        return 0  # rank 0 writes the summary and report for every rank
     if args.only:
         from .experiment.grid import whole_grid
 
@@ -173,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .config import TRAINING_MODES, LoraConfig, ModelConfig, TrainingConfig, VisualEncoderSettings
     from .models.loading import load_model
-    from .train.components import describe_plan, estimate_trainable, format_report, parameter_report, plan_parts
+    from .train.plan import describe_plan, estimate_trainable, format_report, parameter_report, plan_parts
 
     mcfg = ModelConfig(name="inspect", hf_model_id=args.model_id, model_type=args.model_type, trust_remote_code=args.trust_remote_code)
     lm = load_model(mcfg, where=args.model_id)
@@ -249,6 +241,18 @@ def _metric_list(raw: Optional[str]) -> Optional[list[str]]:
     return check_names([m.strip() for m in raw.split(",") if m.strip()], "--metrics")
 
 
+def _check_evaluate_flags(args: argparse.Namespace) -> None:
+    """`vlmtune evaluate`'s numeric flags stand for config keys: the same ranges apply (from
+    the config fields, not a copy here), before any data or model loads."""
+    from .config import EvaluationConfig, ModelConfig, TrainingConfig, check_setting
+
+    for flag, cls, key in (("--batch-size", EvaluationConfig, "batch_size"), ("--limit", EvaluationConfig, "max_samples"),
+                           ("--max-new-tokens", TrainingConfig, "generation_max_new_tokens"), ("--num-beams", TrainingConfig, "generation_num_beams"),
+                           ("--temperature", TrainingConfig, "generation_temperature"), ("--top-p", TrainingConfig, "generation_top_p"),
+                           ("--min-pixels", ModelConfig, "min_pixels"), ("--max-pixels", ModelConfig, "max_pixels")):
+        check_setting(cls, key, getattr(args, flag[2:].replace("-", "_")), flag)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -261,6 +265,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError("evaluate", "give exactly one of --csv or --jsonl", "e.g. --csv data/test.csv (columns url, query, annotation)")
     if args.run and args.lora_path:
         raise UserError("--lora-path", "a run already names its adapter", "drop --lora-path (or use --model-id with --lora-path)")
+    _check_evaluate_flags(args)
     metrics = _metric_list(args.metrics)
     style = PromptStyle(args.prompt_template.replace("\\n", "\n") if args.prompt_template else None, args.system_message)
     data_file = args.csv or args.jsonl
@@ -273,7 +278,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.run:
         run_dir = S.find_run_dir(args.run)
         em = S.load_run(run_dir, args.weights)
-        out = Path(args.output_dir) if args.output_dir else run_dir / "eval" / Path(data_file).stem
+        from .train.rundir import RunDir
+
+        out = Path(args.output_dir) if args.output_dir else RunDir(run_dir).eval_dir(Path(data_file).stem)
     else:
         em = S.load_model_id(args.model_id, args.lora_path, args.model_type, args.dtype, args.trust_remote_code, args.min_pixels, args.max_pixels)
         out = Path(args.output_dir) if args.output_dir else Path("results") / "evaluate" / _slug(args.model_id) / Path(data_file).stem
@@ -294,6 +301,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_cli_config(args.config, args.set)
+        if cfg.evaluation.metrics:  # the registry lives in eval/, downstream of config
+            from .eval.metrics import check_names
+
+            check_names(cfg.evaluation.metrics, "evaluation.metrics")
     except UserError as e:
         report = Report(problems=[Problem.of(e)])
     else:
@@ -301,7 +312,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if not report.errors and not args.no_tokens:
             for i, m in enumerate(cfg.models):
                 if args.model in (None, m.name):
-                    report.lengths[m.name] = count_tokens(cfg, splits, i)
+                    report.lengths[m.name] = count_tokens(cfg, splits, i, report)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:
@@ -429,8 +440,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"error: {e.line()}", file=sys.stderr)
-        return 1
+        code = getattr(e, "exit_code", 1)  # 128 + signal for a run stopped by SIGTERM / Ctrl-C
+        print(f"{'stopped' if code != 1 else 'error'}: {e.line()}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,8 +12,10 @@ string; numeric fields accept such strings.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import os
 import types
 import typing
@@ -28,12 +30,129 @@ from .errors import UserError
 PARTS = ("vision", "projector", "llm")
 TRAIN_METHODS = ("frozen", "lora", "full")
 TRAINING_MODES = ("projector", "llm", "vision", "both")
+DATA_FILE_KEYS = ("train_csv", "val_csv", "test_csv", "train_jsonl", "val_jsonl", "test_jsonl")
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None) -> Any:
+def resolve_path(path: str, config_dir: Optional[str] = None) -> Path:
+    """Where a path written in a config points: the one rule every reader of a config path
+    applies (data files and data.image_root with `config_dir`; output_dir, a local model,
+    training.deepspeed without), and `Config.with_absolute_paths` with them.
+
+    `~` expands; a relative path means the working directory when it exists there, else the
+    config file's folder (`config_dir`, when given). A path found in neither is where it would
+    be: in `config_dir` when given, else the working directory. Kept as written (relative)
+    where the working directory holds it, so messages show the user's spelling."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or not config_dir or p.exists():
+        return p
+    return Path(config_dir) / p
+
+
+def is_local_model_path(model_id: str) -> bool:
+    """A models[].hf_model_id that names a local folder (loaded from disk, relative to the
+    working directory) rather than a hub id or a `tiny:` model."""
+    if model_id.startswith("tiny:"):
+        return False
+    return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).expanduser().exists()
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric field: strict (`gt`, `lt`) and inclusive (`ge`, `le`)
+    bounds, plus `also`: special values outside them (max_steps: -1 = off)."""
+
+    gt: Optional[float] = None
+    ge: Optional[float] = None
+    lt: Optional[float] = None
+    le: Optional[float] = None
+    also: tuple[Any, ...] = ()
+
+    def violation(self, value: Any) -> Optional[str]:
+        """Why `value` is not allowed (None: it is)."""
+        if value in self.also:
+            return None
+        ok = ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+              and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+        return None if ok else f"{value!r} is out of range: must be {self.describe()}"
+
+    def describe(self) -> str:
+        """'> 0', '>= 1', 'in [0, 1)', '-1 or > 0': the docs' `allowed` column and the error."""
+        lo = ("[", self.ge) if self.ge is not None else ("(", self.gt) if self.gt is not None else None
+        hi = ("]", self.le) if self.le is not None else (")", self.lt) if self.lt is not None else None
+        if lo and hi:
+            text = f"in {lo[0]}{_num(lo[1])}, {_num(hi[1])}{hi[0]}"
+        elif lo:
+            text = f"{'>=' if lo[0] == '[' else '>'} {_num(lo[1])}"
+        else:
+            assert hi is not None, "Bounds without any bound"
+            text = f"{'<=' if hi[0] == ']' else '<'} {_num(hi[1])}"
+        return " or ".join([*(repr(a) for a in self.also), text])
+
+
+@dataclass(frozen=True)
+class Choices:
+    """The allowed values of a free-string field whose valid names live in another library
+    (transformers' scheduler and optimizer names, the metric registry)."""
+
+    label: str
+    """How the docs and errors name the set, e.g. "transformers `SchedulerType` name"."""
+    names: typing.Callable[[], typing.Sequence[str]]
+    """The valid names, computed on first use: importing transformers takes seconds, so a
+    config that keeps the default never pays for it."""
+
+    def violation(self, value: Any) -> Optional[str]:
+        names = self.names()
+        return None if value in names else f"{value!r} is not a {self.label}"
+
+    def fix(self, value: Any) -> str:
+        names = list(self.names())
+        # A prefix ('adam' -> 'adamw_torch') is a better guess than the closest spelling.
+        near = [n for n in names if n.startswith(str(value))][:1] or difflib.get_close_matches(str(value), names, n=1)
+        return f"did you mean {near[0]!r}?" if near else f"use one of {', '.join(names)}"
+
+    def describe(self) -> str:
+        return f"a {self.label}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+@functools.cache
+def _scheduler_names() -> tuple[str, ...]:
+    from transformers.trainer_utils import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
+
+
+@functools.cache
+def _optimizer_names() -> tuple[str, ...]:
+    from transformers.training_args import OptimizerNames
+
+    return tuple(o.value for o in OptimizerNames)
+
+
+@functools.cache
+def _report_to_names() -> tuple[str, ...]:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return ("none", "all", *INTEGRATION_TO_CALLBACK)
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None, *,
+       gt: Optional[float] = None, ge: Optional[float] = None, lt: Optional[float] = None, le: Optional[float] = None,
+       also: tuple[Any, ...] = (), choices: Optional[Choices] = None) -> Any:
+    """A config field: its default, its help text, and the values it allows (numeric bounds
+    `gt`/`ge`/`lt`/`le` with `also` exceptions, or `choices`). The rule lives here, beside the
+    field; `from_dict` enforces it on every load and `describe_keys` prints it in the docs."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["allowed"] = choices
+    elif (gt, ge, lt, le) != (None, None, None, None):
+        metadata["allowed"] = Bounds(gt, ge, lt, le, also)
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -50,14 +169,17 @@ class DataConfig:
     query_column: str = _f("query", "Evaluation-CSV column used when `instruction_column` is absent.")
     annotation_column: str = _f("annotation", "Evaluation-CSV column used when `response_column` is absent.")
     image_root: Optional[str] = _f(None, "Folder relative image paths resolve against (else the data file's folder, then the working directory).")
+    image_fallback_dir: Optional[str] = _f(None, "Without image_root: the folder relative image paths fall back to when they are not beside the data file (default: the working directory). A run's saved config.yaml records the original one, so it re-runs from any folder.")
     system_message: Optional[str] = _f(None, "System message put before every conversation built from a CSV row.")
-    num_workers: int = _f(0, "DataLoader workers (seed default 4; 0 is fastest for tiny data).")
-    max_length: int = _f(2048, "Longest tokenized sample, image tokens included.")
+    num_workers: int = _f(0, "DataLoader workers (seed default 4; 0 is fastest for tiny data).", ge=0)
+    max_length: int = _f(2048, "Longest tokenized sample, image tokens included.", ge=1)
     on_overlength: Literal["skip", "error"] = _f("skip", "A sample longer than `max_length` is skipped (counted, warned) or is an error. Never truncated: that would cut image tokens.")
     on_bad_sample: Literal["error", "skip"] = _f("error", "A malformed row or image stops the run before training (error) or is skipped, logged and counted in metrics.json (skip).")
     allow_remote_images: bool = _f(False, "Fetch http(s):// image URLs (size-capped, with a timeout); off: remote URLs are an error.")
-    remote_image_max_bytes: int = _f(20_000_000, "Largest remote image fetched, in bytes.")
-    remote_image_timeout: float = _f(20.0, "Seconds before a remote image fetch gives up.")
+    remote_image_max_bytes: int = _f(20_000_000, "Largest remote image fetched, in bytes.", ge=1)
+    remote_image_timeout: float = _f(20.0, "Seconds before a remote image fetch gives up.", gt=0)
+    max_image_pixels: int = _f(89_478_485, "Largest image accepted, in pixels (width x height); a larger one is refused from its header, never decoded (decompression bombs, images far beyond what training uses). Default: PIL's bomb limit; at most twice it, where PIL itself refuses.",
+                               ge=1, le=2 * 89_478_485)
     allow_absolute_paths: bool = _f(False, "Allow image paths outside their root (data.image_root, the data file's folder or the working directory): absolute paths and '..'.")
 
 
@@ -67,11 +189,12 @@ class ModelConfig:
     hf_model_id: str = _f(help="Hub id, local directory, or `tiny:<family>` for an offline tiny model.")
     model_type: Optional[str] = _f(None, "Family key (`qwen_vl`, `qwen2_5_vl`, `llava`, ...). Derived from the model's config when omitted.")
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = _f("auto", "Weight dtype: `auto` = bfloat16 on a GPU that has it, float32 otherwise.")
-    min_pixels: Optional[int] = _f(None, "Qwen-VL dynamic resolution lower bound (pixels). Default 224*224.")
-    max_pixels: Optional[int] = _f(None, "Qwen-VL dynamic resolution upper bound (pixels). Default 224*224 (the seed's bound).")
+    min_pixels: Optional[int] = _f(None, "Qwen-VL dynamic resolution lower bound (pixels). Default 224*224.", ge=1)
+    max_pixels: Optional[int] = _f(None, "Qwen-VL dynamic resolution upper bound (pixels), at least min_pixels. Default 224*224 (the seed's bound).", ge=1)
     image_processor: Optional[dict[str, Any]] = _f(None, "Image processor settings to override, e.g. {size: {longest_edge: 728}, do_image_splitting: false} for Idefics3/SmolVLM tiles (Qwen-VL: use min_pixels/max_pixels).")
     trust_remote_code: bool = _f(False, "Allow the model repository's own Python code to run.")
-    load_in_4bit: bool = _f(False, "Load the base weights in 4-bit (bitsandbytes) for QLoRA.")
+    load_in_4bit: bool = _f(False, "Load the LLM's linear layers in 4-bit NF4 (bitsandbytes, extra `quant`) for QLoRA; vision encoder, projector, LM head and every part trained `full` stay in full precision.")
+    load_in_8bit: bool = _f(False, "Load the LLM's linear layers in 8-bit (bitsandbytes LLM.int8(), extra `quant`); the same parts stay in full precision as with `load_in_4bit`. Not together with `load_in_4bit`.")
     attn_implementation: Optional[str] = _f(None, "`eager`, `sdpa` or `flash_attention_2` (GPU extra).")
 
 
@@ -80,9 +203,9 @@ class LoraConfig:
     """One LoRA variant (also the shape of the top-level `lora:` defaults)."""
 
     name: Optional[str] = _f(None, "Variant name used in run directory names.")
-    r: Optional[int] = _f(None, "LoRA rank (default 16).")
-    alpha: Optional[float] = _f(None, "LoRA alpha (default 2*r).")
-    dropout: Optional[float] = _f(None, "LoRA dropout (default 0.05).")
+    r: Optional[int] = _f(None, "LoRA rank (default 16).", ge=1)
+    alpha: Optional[float] = _f(None, "LoRA alpha (default 2*r).", gt=0)
+    dropout: Optional[float] = _f(None, "LoRA dropout (default 0.05).", ge=0, lt=1)
     target_modules: Optional[list[str]] = _f(None, "Leaf module names for the LLM part; null = the family default. Same as `llm_target_modules`.")
     llm_target_modules: Optional[list[str]] = _f(None, "LoRA targets inside the LLM (scoped: never wraps vision modules).")
     vision_target_modules: Optional[list[str]] = _f(None, "LoRA targets inside the vision encoder.")
@@ -94,7 +217,21 @@ class LoraConfig:
 @dataclass
 class PartConfig:
     train: Optional[Literal["frozen", "lora", "full"]] = _f(None, "How this part trains; default from `training_mode`.")
-    lr_multiplier: Optional[float] = _f(None, "This part's learning rate = training.learning_rate * lr_multiplier.")
+    lr_multiplier: Optional[float] = _f(None, "This part's learning rate = training.learning_rate * lr_multiplier.", ge=0)
+
+
+@dataclass
+class StageConfig:
+    """One stage of `training.stages` (seed 002: projector pretraining, then instruction
+    tuning, then end to end). Unset keys keep the run's `training:` value."""
+
+    name: str = _f(help="Stage name; the stage's folder is `<run>/stage_<i>_<name>/`.")
+    training_mode: Optional[Literal["projector", "llm", "vision", "both"]] = _f(None, "What trains in this stage (see training.training_mode).")
+    parts: Optional[dict[str, PartConfig]] = _f(None, "Per-part overrides for this stage (see training.parts).")
+    learning_rate: Optional[float] = _f(None, "This stage's base learning rate.", gt=0)
+    max_steps: Optional[int] = _f(None, "This stage's optimizer steps.", gt=0)
+    num_train_epochs: Optional[float] = _f(None, "This stage's epochs (when max_steps is not set).", gt=0)
+    lora: Optional[dict[str, Any]] = _f(None, "LoRA settings for this stage on top of the variant's, e.g. {r: 64, alpha: 128}.")
 
 
 @dataclass
@@ -104,7 +241,7 @@ class VisualEncoderSettings:
     suppress_init_warnings: bool = _f(True, "Replace transformers' per-weight 'newly initialized' warnings by one summary line.")
     improve_initialization: bool = _f(False, "Re-initialise newly initialized weights with Xavier-uniform (biases zero).")
     freeze_visual_encoder: bool = _f(False, "Freeze the vision encoder whatever the training mode.")
-    visual_learning_rate_multiplier: float = _f(0.1, "Vision encoder LR = learning_rate * this (seed 000: 1/10).")
+    visual_learning_rate_multiplier: float = _f(0.1, "Vision encoder LR = learning_rate * this (seed 000: 1/10).", ge=0)
 
 
 @dataclass
@@ -113,23 +250,25 @@ class TrainingConfig:
     training_mode: Literal["projector", "llm", "vision", "both"] = _f("llm", "projector: projector only (stage 1); llm: projector + LLM; vision: projector + vision; both: all three.")
     parts: dict[str, PartConfig] = _f(help="Per-part overrides: {vision|projector|llm: {train, lr_multiplier}}.", factory=dict)
     # Seed 003 keys
-    num_train_epochs: float = _f(1.0, "Epochs over the training data.")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (overrides epochs when > 0).")
-    per_device_train_batch_size: int = _f(1, "Training batch size per device.")
-    per_device_eval_batch_size: int = _f(1, "Evaluation batch size per device (eval loss and generation).")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    learning_rate: float = _f(5e-5, "Base learning rate (the LLM's); parts scale it by their lr_multiplier.")
-    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).")
-    warmup_ratio: float = _f(0.0, "Fraction of steps for linear warmup.")
-    warmup_steps: int = _f(0, "Warmup steps (wins over warmup_ratio when > 0).")
-    lr_scheduler_type: str = _f("linear", "transformers scheduler name: linear, cosine, constant, constant_with_warmup, ...")
-    optim: str = _f("adamw_torch", "transformers optimizer name: adamw_torch, adafactor, ...")
-    logging_steps: int = _f(10, "Log train loss every N steps.")
+    num_train_epochs: float = _f(1.0, "Epochs over the training data.", gt=0)
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (overrides epochs when > 0); -1: train for num_train_epochs.", gt=0, also=(-1,))
+    per_device_train_batch_size: int = _f(1, "Training batch size per device.", ge=1)
+    per_device_eval_batch_size: int = _f(1, "Evaluation batch size per device (eval loss and generation).", ge=1)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", ge=1)
+    learning_rate: float = _f(5e-5, "Base learning rate (the LLM's); parts scale it by their lr_multiplier.", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).", ge=0)
+    warmup_ratio: float = _f(0.0, "Fraction of steps for linear warmup.", ge=0, le=1)
+    warmup_steps: int = _f(0, "Warmup steps (wins over warmup_ratio when > 0).", ge=0)
+    lr_scheduler_type: str = _f("linear", "transformers scheduler name: linear, cosine, constant, constant_with_warmup, ...",
+                                 choices=Choices("transformers `SchedulerType` name", _scheduler_names))
+    optim: str = _f("adamw_torch", "transformers optimizer name: adamw_torch, adafactor, ...",
+                     choices=Choices("transformers `OptimizerNames` name", _optimizer_names))
+    logging_steps: int = _f(10, "Log train loss every N steps.", ge=1)
     eval_strategy: Literal["no", "steps", "epoch"] = _f("no", "When to compute eval loss on the validation split.")
-    eval_steps: Optional[int] = _f(None, "Eval every N steps (eval_strategy: steps).")
+    eval_steps: Optional[int] = _f(None, "Eval every N steps (eval_strategy: steps); default logging_steps.", ge=1)
     save_strategy: Literal["no", "steps", "epoch", "best"] = _f("epoch", "When to write checkpoints.")
-    save_steps: int = _f(500, "Checkpoint every N steps (save_strategy: steps).")
-    save_total_limit: Optional[int] = _f(1, "Keep at most N checkpoints.")
+    save_steps: int = _f(500, "Checkpoint every N steps (save_strategy: steps).", ge=1)
+    save_total_limit: Optional[int] = _f(1, "Keep at most N checkpoints; null: keep all.", ge=1)
     load_best_model_at_end: bool = _f(False, "Reload the best checkpoint (by metric_for_best_model) at the end.")
     metric_for_best_model: Optional[str] = _f(None, "e.g. eval_loss.")
     greater_is_better: Optional[bool] = _f(None, "Whether a larger metric_for_best_model is better.")
@@ -140,32 +279,35 @@ class TrainingConfig:
     bf16_full_eval: bool = _f(False, "Run evaluation fully in bf16.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory.")
     gradient_checkpointing_kwargs: Optional[dict[str, Any]] = _f(None, "Default {use_reentrant: false}.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    seed: int = _f(42, "Seed for init, shuffling and dropout.")
-    dataloader_num_workers: Optional[int] = _f(None, "Defaults to data.num_workers.")
-    report_to: Union[str, list[str]] = _f("none", "none, wandb, tensorboard, mlflow or a list of them.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0: no clipping (as in transformers).", ge=0)
+    seed: int = _f(42, "Seed for init, shuffling and dropout.", ge=0, le=2**32 - 1)
+    dataloader_num_workers: Optional[int] = _f(None, "Defaults to data.num_workers.", ge=0)
+    report_to: Union[str, list[str]] = _f("none", "none, wandb, tensorboard, mlflow or a list of them.",
+                                         choices=Choices("transformers `report_to` integration (or none, all)", _report_to_names))
     run_name: Optional[str] = _f(None, "Tracker run name; default `<experiment>/<model>__<variant>`.")
     fsdp: Optional[str] = _f(None, "e.g. 'full_shard auto_wrap' (multi-process only).")
     fsdp_config: Optional[dict[str, Any]] = _f(None, "FSDP options (seed 001).")
     ddp_find_unused_parameters: Optional[bool] = _f(None, "DDP: look for parameters without gradients.")
     resume: Literal["auto", "never"] = _f("auto", "auto: continue from the run's last checkpoint when there is one.")
+    stages: Optional[list[StageConfig]] = _f(None, "Staged training: a list of stages run in order, each starting from the previous stage's weights (adapters merged between stages), e.g. [{name: projector, training_mode: projector}, {name: llm, training_mode: llm}].")
+    deepspeed: Optional[str] = _f(None, "DeepSpeed config JSON (ZeRO-2/3) for multi-process training; needs the `deepspeed` extra.")
     nan_policy: Literal["stop", "skip_batch"] = _f("stop", "A NaN/inf loss stops training naming the step and samples, keeping the last good checkpoint (stop), or that batch is skipped and counted (skip_batch).")
     # Generation (used by evaluation)
-    generation_max_new_tokens: int = _f(128, "Max new tokens per generated answer.")
-    generation_min_new_tokens: int = _f(0, "Min new tokens per generated answer.")
-    generation_num_beams: int = _f(1, "Beam count (1 = greedy).")
+    generation_max_new_tokens: int = _f(128, "Max new tokens per generated answer.", ge=1)
+    generation_min_new_tokens: int = _f(0, "Min new tokens per generated answer (at most generation_max_new_tokens).", ge=0)
+    generation_num_beams: int = _f(1, "Beam count (1 = greedy).", ge=1)
     generation_do_sample: bool = _f(False, "Sample instead of greedy/beam search.")
-    generation_temperature: Optional[float] = _f(None, "Sampling temperature.")
-    generation_top_p: Optional[float] = _f(None, "Nucleus sampling p.")
+    generation_temperature: Optional[float] = _f(None, "Sampling temperature.", gt=0)
+    generation_top_p: Optional[float] = _f(None, "Nucleus sampling p.", gt=0, le=1)
 
 
 @dataclass
 class EvaluationConfig:
     enabled: bool = _f(True, "false = train only.")
     split: Literal["test", "val"] = _f("test", "Which split to generate on (test falls back to val when absent).")
-    max_samples: Optional[int] = _f(None, "Evaluate only the first N samples.")
-    batch_size: Optional[int] = _f(None, "Generation batch size; default training.per_device_eval_batch_size.")
-    metrics: Optional[list[str]] = _f(None, "Metric names (exact_match, exact_match_normalized, bleu4, rouge_l, meteor, cider, coco, vqa_accuracy, anls, relaxed_accuracy, cer, wer, token_stats); default exact_match, bleu4, meteor, rouge_l, cider, token_stats.")
+    max_samples: Optional[int] = _f(None, "Evaluate only the first N samples.", ge=1)
+    batch_size: Optional[int] = _f(None, "Generation batch size; default training.per_device_eval_batch_size.", ge=1)
+    metrics: Optional[list[str]] = _f(None, "Metric names (exact_match, exact_match_normalized, bleu4, rouge_l, meteor, cider, coco, vqa_accuracy, anls, relaxed_accuracy, cer, wer, token_stats); default exact_match, bleu4, meteor, rouge_l, cider, token_stats. Names are checked against the metric registry by `vlmtune check` and before a run starts.")
 
 
 @dataclass
@@ -207,6 +349,30 @@ class Config:
         d = dataclasses.asdict(self)
         d.pop("config_dir", None)
         return d
+
+    def with_absolute_paths(self) -> "Config":
+        """This config with every path absolute, resolved as this process reads them
+        (`resolve_path`): the data files and data.image_root (working directory, then the config
+        file's folder), output_dir (its default included), a local models[].hf_model_id and
+        training.deepspeed (working directory). Without data.image_root, data.image_fallback_dir
+        pins the folder relative image paths fall back to (the working directory). What a run's
+        config.yaml holds (`train/rundir.py: resolved_run_config`), so `vlmtune train|preview
+        RUN/config.yaml` re-runs from any folder. Idempotent: absolute paths stay as they are.
+        Returns a new Config; sections without paths are shared with this one."""
+        d, t = self.data, self.training
+
+        def absolute(path: str, config_dir: Optional[str] = None) -> str:
+            return os.path.abspath(resolve_path(path, config_dir))
+
+        data = {k: absolute(getattr(d, k), self.config_dir) for k in DATA_FILE_KEYS if getattr(d, k)}
+        if d.image_root:
+            data["image_root"] = absolute(d.image_root, self.config_dir)
+        else:
+            data["image_fallback_dir"] = absolute(d.image_fallback_dir or os.curdir)
+        models = [dataclasses.replace(m, hf_model_id=absolute(m.hf_model_id)) if is_local_model_path(m.hf_model_id) else m for m in self.models]
+        return dataclasses.replace(
+            self, output_dir=os.path.abspath(self.resolved_output_dir()), data=dataclasses.replace(d, **data), models=models,
+            training=dataclasses.replace(t, deepspeed=absolute(t.deepspeed)) if t.deepspeed else t)
 
     def for_variant(self, variant: LoraConfig, src: str = "config") -> "Config":
         """This config with the variant's `training:` overrides applied (and validated)."""
@@ -305,6 +471,32 @@ def _coerce(value: Any, tp: Any, path: str, src: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {path}")
 
 
+def _check_allowed(f: dataclasses.Field, value: Any, path: str, src: str) -> None:
+    """Apply the field's `allowed` rule (from `_f`) to its parsed value: one line naming the
+    key, the value, the allowed range and the fix. null (an Optional's default) always passes;
+    a list is checked item by item."""
+    rule = f.metadata.get("allowed")
+    if rule is None or value is None:
+        return
+    for p, v in ([(f"{path}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(path, value)]):
+        problem = rule.violation(v)
+        if problem is None:
+            continue
+        if isinstance(rule, Choices):
+            fix = rule.fix(v)
+        elif f.default is not None and f.default is not dataclasses.MISSING and rule.violation(f.default) is None:
+            fix = f"use a value {rule.describe()}, e.g. {f.default!r} (the default)"
+        else:
+            fix = f"use a value {rule.describe()}, or leave it out for the default"
+        raise UserError(f"{src}: {p}" if src else p, problem, fix)
+
+
+def check_setting(cls: type, name: str, value: Any, where: str) -> None:
+    """Apply config field `cls.name`'s allowed range to a value given another way (a command
+    line flag such as `vlmtune evaluate --num-beams`), so the rule stays in one place."""
+    _check_allowed(next(f for f in dataclasses.fields(cls) if f.name == name), value, where, "")
+
+
 def from_dict(cls: type, data: Any, path: str = "", src: str = "config") -> Any:
     """Build dataclass `cls` from `data`, rejecting unknown keys with a did-you-mean."""
     where = path or "(top level)"
@@ -323,6 +515,7 @@ def from_dict(cls: type, data: Any, path: str = "", src: str = "config") -> Any:
             fix = f"did you mean `{near[0]}`?" if near else f"known keys here: {', '.join(fields)}"
             raise UserError(f"{src}: {kp}", "unknown key", fix)
         kwargs[key] = _coerce(value, hints[key], kp, src)
+        _check_allowed(fields[key], kwargs[key], kp, src)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             kp = f"{path}.{name}" if path else name
@@ -340,6 +533,12 @@ def validate(cfg: Config, src: str = "config", variants: bool = True) -> Config:
         if m.name in seen:
             raise UserError(f"{src}: models[{i}].name", f"duplicate model name {m.name!r}", "give every model a unique name")
         seen.add(m.name)
+        # Pixel bounds must be ordered; an omitted min_pixels means 224*224 (the families'
+        # default), so a lone max_pixels below that is refused here, not at model load.
+        if m.max_pixels is not None and (m.min_pixels or 224 * 224) > m.max_pixels:
+            lo = f"min_pixels ({m.min_pixels})" if m.min_pixels is not None else f"the default min_pixels ({224 * 224})"
+            raise UserError(f"{src}: models[{i}].max_pixels", f"{m.max_pixels} is less than {lo}",
+                            "the pixel bounds must be ordered: set min_pixels <= max_pixels")
         if "__" in m.name or "/" in m.name:
             raise UserError(f"{src}: models[{i}].name", f"{m.name!r} contains '__' or '/'", "use a plain name: it becomes a folder name")
     names = set()
@@ -349,9 +548,7 @@ def validate(cfg: Config, src: str = "config", variants: bool = True) -> Config:
         if v.name in names:
             raise UserError(f"{src}: lora_variants[{i}].name", f"duplicate variant name {v.name!r}", "give every variant a unique name")
         names.add(v.name)
-    for v in cfg.variants():
-        if v.r is not None and v.r <= 0:
-            raise UserError(f"{src}: lora_variants.{v.name}.r", f"rank must be positive, got {v.r}", "use e.g. r: 16")
+    for v in cfg.variants():  # single-field ranges (r >= 1, ...) were checked by from_dict
         if v.training and variants:
             cfg.for_variant(v, src)  # its overrides must make a valid training section
     t = cfg.training
@@ -359,8 +556,9 @@ def validate(cfg: Config, src: str = "config", variants: bool = True) -> Config:
         if part not in PARTS:
             near = difflib.get_close_matches(part, PARTS, n=1)
             raise UserError(f"{src}: training.parts.{part}", "unknown part", f"did you mean `{near[0]}`?" if near else "parts are vision, projector, llm")
-        if pc.lr_multiplier is not None and pc.lr_multiplier < 0:
-            raise UserError(f"{src}: training.parts.{part}.lr_multiplier", "must be >= 0", "use e.g. 0.1")
+    if t.generation_min_new_tokens > t.generation_max_new_tokens:
+        raise UserError(f"{src}: training.generation_min_new_tokens", f"{t.generation_min_new_tokens} is more than generation_max_new_tokens ({t.generation_max_new_tokens})",
+                        "lower generation_min_new_tokens or raise generation_max_new_tokens")
     if t.bf16 and t.fp16:
         raise UserError(f"{src}: training", "bf16 and fp16 are both true", "choose one (mixed_precision: bf16 or fp16)")
     if t.bf16:
@@ -394,8 +592,10 @@ def validate(cfg: Config, src: str = "config", variants: bool = True) -> Config:
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None) -> Config:
-    """Read, validate and return the config at `path` (safe YAML loader)."""
+def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None, sets: Optional[list[str]] = None) -> Config:
+    """Read, validate and return the config at `path` (safe YAML loader). `overrides` are
+    deep-merged in and `sets` (`--set key.path=value`, see `apply_sets`) applied, both before
+    validation."""
     p = Path(path)
     src = str(path)
     if not p.is_file():
@@ -412,6 +612,9 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
     if overrides:
         raw = deep_merge(raw or {}, overrides)
         src = f"{src} (with --set)"
+    if sets:
+        raw = apply_sets(raw, sets)
+        src = src if src.endswith("(with --set)") else f"{src} (with --set)"
     cfg = from_dict(Config, raw, "", src)
     cfg.config_dir = str(p.resolve().parent)
     return validate(cfg, src)
@@ -423,6 +626,77 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def apply_sets(raw: Optional[dict[str, Any]], pairs: list[str]) -> dict[str, Any]:
+    """`raw` (a config as read from YAML, not changed) with each `key.path=value` of `pairs`
+    applied in order; values are YAML. A path reaches every key: mappings by key (missing
+    sections are started), lists by index (`models.0.hf_model_id`, `lora_variants.1.r`), so
+    one list item changes and the others stay. Unknown keys are left to `from_dict`, which
+    names them with a did-you-mean; a path that cannot be walked is one line naming the
+    `--set` and the valid indices or keys."""
+    out: dict[str, Any] = copy.deepcopy(raw) if raw else {}
+    for pair in pairs:
+        where = f"--set {pair}"
+        key, sep, text = pair.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise UserError(where, "expected key.path=value", "e.g. --set training.max_steps=10 or --set models.0.hf_model_id=tiny:llava")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(where, f"the value is not valid YAML ({getattr(e, 'problem', e)})", "quote the value, e.g. --set 'key=\"a: b\"'") from None
+        node: Any = out
+        tp: Any = Config  # the schema type at `node`: names the valid keys in errors
+        for depth, part in enumerate(parts):
+            here, rest = ".".join(parts[:depth]) or "(top level)", parts[depth + 1:]
+            if isinstance(node, list):
+                slot: Any = _list_index(node, part, here, rest, where)
+                tp = _unwrap(typing.get_args(tp)[0]) if typing.get_origin(tp) is list else Any
+            elif isinstance(node, dict):
+                keys = [f.name for f in dataclasses.fields(tp) if not f.metadata.get("internal")] if dataclasses.is_dataclass(tp) else list(node)
+                if part.isdigit() and part not in node and part not in keys:
+                    raise UserError(where, f"{here} is a mapping, not a list: there is no item {part}", f"use a key: {', '.join(keys) or '(none yet)'}")
+                slot = part
+                tp = (_unwrap(typing.get_type_hints(tp).get(part, Any)) if dataclasses.is_dataclass(tp)
+                      else _unwrap(typing.get_args(tp)[1]) if typing.get_origin(tp) is dict else Any)
+            else:
+                raise UserError(where, f"{here} is {node!r}, not a mapping or a list", f"set {here} itself: --set {here}=VALUE")
+            if not rest:
+                node[slot] = value
+                break
+            child = node[slot] if isinstance(node, list) else node.get(slot)
+            if child is None:
+                # A section the file leaves out (or leaves empty, `training:`) starts here; a
+                # list cannot be started by indexing into it.
+                if rest[0].isdigit() and not (dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict):
+                    path = ".".join(parts[: depth + 1])
+                    raise UserError(where, f"{path} is not in the config: there is no item {rest[0]}", f"write the list in the config file, or set it whole: --set {path}='[...]'")
+                child = node[slot] = {}
+            node = child
+    return out
+
+
+def _list_index(node: list[Any], part: str, here: str, rest: list[str], where: str) -> int:
+    """The list index `part` names in `node` (`here` in the config), or one line saying which
+    indices there are."""
+    if part.isdigit() and int(part) < len(node):
+        return int(part)
+    if not node:
+        raise UserError(where, f"{here} is an empty list: there is no item {part}", f"write the items in the config file, or set the list whole: --set {here}='[...]'")
+    numeric = part.lstrip("-").isdigit()
+    what = f"there is no item {part}" if numeric else f"{part!r} is not an index"
+    # `models.name=x` means a key of an item: show it under an index.
+    example = ".".join([here, "0", *([] if numeric else [part]), *rest])
+    raise UserError(where, f"{here} is a list of {len(node)}: {what}", f"use an index 0..{len(node) - 1}, e.g. --set {example}=...")
+
+
+def _unwrap(tp: Any) -> Any:
+    """`Optional[X]` -> X (the schema type a value stands for when it is not null)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else Any
+    return tp
 
 
 def config_from_dict(raw: dict[str, Any], src: str = "config", config_dir: Optional[str] = None) -> Config:
@@ -437,7 +711,7 @@ def describe_keys() -> str:
 
     def section(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
-        lines.extend([f"## `{prefix or '(top level)'}`", "", "| key | type | default | meaning |", "|---|---|---|---|"])
+        lines.extend([f"## `{prefix or '(top level)'}`", "", "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"])
         nested = []
         for f in dataclasses.fields(cls):
             if f.metadata.get("internal"):
@@ -448,7 +722,9 @@ def describe_keys() -> str:
                 nested.append((tp if dataclasses.is_dataclass(tp) else inner, f"{prefix}.{f.name}" if prefix else f.name, inner is not None))
             default = "" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING else (
                 repr(f.default) if f.default is not dataclasses.MISSING else "")
-            lines.append(f"| `{f.name}` | {_type_name(tp).replace(' | ', ' or ')} | {default} | {f.metadata.get('help', '')} |")
+            rule = f.metadata.get("allowed")
+            allowed = rule.describe() if rule is not None else ""
+            lines.append(f"| `{f.name}` | {_type_name(tp).replace(' | ', ' or ')} | {default} | {allowed} | {f.metadata.get('help', '')} |")
         lines.append("")
         for sub, name, is_list in nested:
             section(sub, name + ("[]" if is_list else ""))

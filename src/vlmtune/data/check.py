@@ -4,15 +4,18 @@ Users lose hours to a corrupt image at sample 40,000 or a missing column found a
 model loaded. Here every data file of a config is read in one pass that *collects* problems
 instead of stopping at the first:
 
-- rows: missing/empty fields, non-UTF-8 text, JSON that does not parse, conversations
-  without an assistant turn, placeholder/image count mismatches (data/sources.py);
+- files: text that is not UTF-8 (with or without a byte-order mark) or UTF-16/32 with one,
+  CSV quoting that does not parse (data/sources.py `read_text`, `csv_rows`);
+- rows: missing/empty fields, JSON that does not parse, conversations without an assistant
+  turn, placeholder/image count mismatches (data/sources.py);
 - images: missing, outside their root, unsupported format, zero-size or absurd dimensions,
   decompression bombs (refused from the header, never decoded), truncated or undecodable
   files (full decode: `vlmtune check` does it, the gate before training reads headers only).
 
 Problems print as `FILE:LINE: field: what is wrong — how to fix`. With the processor only
 (no weights), `check` also counts tokens: a histogram of sample lengths with image tokens,
-how many exceed `data.max_length`, and the supervised tokens.
+how many exceed `data.max_length` (and whether any image alone fills it), and the
+supervised tokens.
 """
 
 from __future__ import annotations
@@ -29,14 +32,14 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import Config
 from ..errors import UserError
+from .images import ImagePolicy, is_remote
 from .sources import Sample, load_split
 
 log = logging.getLogger("vlmtune")
 
 SPLITS = ("train", "val", "test")
 SUPPORTED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
-# PIL's own bomb threshold (~89.5 Mpx, a 9459x9459 image); above it we refuse without decoding.
-MAX_PIXELS = 89_478_485
+# Pixel cap (decompression bombs): the sample's ImagePolicy, `data.max_image_pixels`.
 # Qwen-VL's processor refuses aspect ratios above 200; nothing useful is that thin.
 MAX_ASPECT = 200
 
@@ -85,11 +88,12 @@ class Report:
         }
 
 
-def inspect_image(path: str, full_decode: bool) -> Optional[str]:
+def inspect_image(path: str, full_decode: bool, policy: ImagePolicy = ImagePolicy()) -> Optional[str]:
     """What is wrong with the image at `path` (None: nothing). Reads the header; decodes the
-    pixels only when `full_decode` (to catch truncated files)."""
-    if path.startswith(("http://", "https://")):
-        return None  # fetched (size-capped) when loaded; nothing to read here
+    pixels only when `full_decode` (to catch truncated files). `policy` (the sample's) sets
+    the pixel cap."""
+    if is_remote(path):
+        return None  # fetched (size-capped, pixel-capped) when loaded; nothing to read here
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -100,8 +104,9 @@ def inspect_image(path: str, full_decode: bool) -> Optional[str]:
                     return f"unsupported image format {fmt}"
                 if w == 0 or h == 0:
                     return f"zero-size image ({w}x{h})"
-                if w * h > MAX_PIXELS:
-                    return f"{w}x{h} = {w * h:,} pixels: refused as a possible decompression bomb (limit {MAX_PIXELS:,})"
+                over = policy.too_many_pixels(w, h)
+                if over:
+                    return f"{over} (a possible decompression bomb, or far more than training uses)"
                 if max(w, h) / min(w, h) > MAX_ASPECT:
                     return f"absurd aspect ratio {w}x{h} (more than {MAX_ASPECT}:1)"
                 if full_decode:
@@ -109,7 +114,7 @@ def inspect_image(path: str, full_decode: bool) -> Optional[str]:
     except FileNotFoundError:
         return "image file does not exist"
     except Image.DecompressionBombError as e:
-        return f"refused as a decompression bomb ({e})"
+        return f"refused as a decompression bomb ({e}; data.max_image_pixels: {policy.max_image_pixels:,})"
     except UnidentifiedImageError:
         return "not an image PIL can read (empty, corrupt or unsupported file)"
     except (OSError, SyntaxError, ValueError) as e:
@@ -124,15 +129,16 @@ def _image_field(sample: Sample, k: int) -> str:
 def check_images(samples: list[Sample], full_decode: bool, image_column: str = "image") -> tuple[list[Sample], list[Problem]]:
     """(samples whose images are all fine, one problem per bad image)."""
     good, problems = [], []
-    seen: dict[str, Optional[str]] = {}
+    seen: dict[tuple[str, ImagePolicy], Optional[str]] = {}
     for s in samples:
         bad = False
         for k, p in enumerate(s.images):
-            if p not in seen:
-                seen[p] = inspect_image(p, full_decode)
-            if seen[p]:
+            key = (p, s.image_policy)
+            if key not in seen:
+                seen[key] = inspect_image(p, full_decode, s.image_policy)
+            if seen[key]:
                 field_name = image_column if s.origin.rsplit(":", 1)[0].endswith(".csv") else _image_field(s, k)
-                problems.append(Problem(f"{s.origin or s.id}: {field_name}", f"{seen[p]} ({p})", "replace or remove the image, or drop the row"))
+                problems.append(Problem(f"{s.origin or s.id}: {field_name}", f"{seen[key]} ({p})", "replace or remove the image, or drop the row"))
                 bad = True
         if not bad:
             good.append(s)
@@ -143,7 +149,7 @@ def load_checked_splits(cfg: Config, full_decode: bool = False) -> tuple[dict[st
     """Every split of `cfg`, read with problems collected; images checked (headers, or fully).
 
     Returns the usable samples per split (bad rows/images removed) and the report. File-level
-    problems (missing file, missing column, not UTF-8) are errors of the whole split.
+    problems (missing file, missing column, undecodable text) are errors of the whole split.
     """
     report = Report()
     splits: dict[str, Optional[list[Sample]]] = {}
@@ -198,9 +204,14 @@ def gate(cfg: Config) -> tuple[dict[str, Optional[list[Sample]]], Report]:
     return splits, report
 
 
-def count_tokens(cfg: Config, splits: dict[str, Optional[list[Sample]]], model_index: int = 0) -> dict[str, Any]:
+def count_tokens(cfg: Config, splits: dict[str, Optional[list[Sample]]], model_index: int = 0, report: Optional[Report] = None) -> dict[str, Any]:
     """Token statistics with the model's processor (no weights): per sample, the full
-    tokenized length with image tokens expanded; a power-of-two histogram."""
+    tokenized length with image tokens expanded; a power-of-two histogram.
+
+    With `report`: samples whose image tokens alone reach `data.max_length` (no room for any
+    text, so they can never train) go into it as one problem -- an error under
+    `data.on_overlength: error`, else a warning (they are skipped). The config check cannot
+    see this: image tokens depend on the processor and each image's size."""
     from ..models.loading import load_processor_only
     from .collate import Encoder
 
@@ -210,6 +221,7 @@ def count_tokens(cfg: Config, splits: dict[str, Optional[list[Sample]]], model_i
     lengths: list[int] = []
     supervised = {s: 0 for s in SPLITS}
     image_tokens: list[int] = []
+    no_room: list[Sample] = []
     problems: list[Problem] = []
     for split in SPLITS:
         for s in splits.get(split) or []:
@@ -220,7 +232,16 @@ def count_tokens(cfg: Config, splits: dict[str, Optional[list[Sample]]], model_i
                 continue
             lengths.append(e.n_tokens)
             image_tokens.append(e.n_image_tokens)
+            if e.n_image_tokens >= cfg.data.max_length:
+                no_room.append(s)
             supervised[split] += e.n_supervised
+    if no_room and report is not None:
+        most = max(image_tokens)
+        more = f" and {len(no_room) - 1} more sample{'s' if len(no_room) != 2 else ''}" if len(no_room) > 1 else ""
+        report.problems.append(Problem(
+            "data.max_length", f"{cfg.data.max_length} leaves no room for text: the image tokens alone reach it in {no_room[0].origin or no_room[0].id}{more} (up to {most} image tokens with {m.name})",
+            f"raise data.max_length above {most}, or lower models[{model_index}].max_pixels for fewer image tokens",
+            "error" if cfg.data.on_overlength == "error" else "warning"))
     hist: list[list[int]] = []
     if lengths:
         top = 2 ** math.ceil(math.log2(max(max(lengths), 2)))

@@ -135,7 +135,7 @@ class Encoder:
     def encode(self, sample: Sample, images: Optional[list[Any]] = None) -> Encoded:
         """Input ids, labels and image tensors for one training sample."""
         if images is None:
-            images = [load_image(p, f"{sample.id}: image") for p in sample.images]
+            images = [load_image(p, f"{sample.id}: image", sample.image_policy) for p in sample.images]
         text, spans = self.render_with_spans(sample.messages, sample.id)
         out = self._process([text], images, spans=[spans], return_offsets_mapping=True, return_text_replacement_offsets=True)
         if "offset_mapping" not in out:

@@ -16,7 +16,9 @@ JSON list of strings does the same (the first is the training target).
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import logging
 import os
@@ -24,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from ..config import Config, DataConfig
+from ..config import Config, DataConfig, resolve_path
 from ..errors import UserError
+from .images import ImagePolicy, is_remote
 
 log = logging.getLogger("vlmtune")
 
@@ -44,6 +47,9 @@ class Sample:
     extra_references: list[str] = field(default_factory=list)
     """Further acceptable answers for evaluation (an `annotation` cell holding a JSON list,
     a JSONL `references` field); the first answer is always the last assistant turn."""
+    image_policy: ImagePolicy = ImagePolicy()
+    """How `images` load (remote fetching, pixel cap): the policy of the data config that
+    admitted them (`ImageResolver`); every image loader applies it."""
 
     @property
     def references(self) -> list[str]:
@@ -90,37 +96,32 @@ class ImageResolver:
 
     Relative paths resolve against `data.image_root` when set; otherwise the data file's
     folder, and where not found there, the working directory (the seed's `data/images/...`
-    habit). A path may not leave those roots (absolute paths elsewhere, `..`, symlinks out)
-    unless `allow_absolute`; `http(s)://` URLs pass through only with `allow_remote` (they
-    are fetched, size-capped, when loaded). Remembers which roots were used, for logs.
+    habit; `fallback_dir` stands for it where set: `data.image_fallback_dir`, which a run's
+    saved config.yaml pins). A path may not leave those roots (absolute paths elsewhere,
+    `..`, symlinks out) unless `allow_absolute`; `http(s)://` URLs pass through only where
+    `policy` allows remote images (they are fetched, size-capped, when loaded). Every sample
+    read through this resolver carries `policy`. Remembers which roots were used, for logs.
     """
 
     def __init__(self, data_file: Path, image_root: Optional[str], config_dir: Optional[str],
-                 allow_absolute: bool = False, allow_remote: bool = False):
+                 allow_absolute: bool = False, policy: ImagePolicy = ImagePolicy(), fallback_dir: Optional[str] = None):
         self.data_file = data_file
         if image_root:
-            root = Path(image_root)
-            if not root.is_absolute() and not root.exists() and config_dir:
-                root = Path(config_dir) / root
-            self.roots = [root]
+            self.roots = [resolve_path(image_root, config_dir)]
         else:
-            self.roots = [data_file.parent, Path.cwd()]
+            self.roots = [data_file.parent, resolve_path(fallback_dir) if fallback_dir else Path.cwd()]
         self.allow_absolute = allow_absolute
-        self.allow_remote = allow_remote
+        self.policy = policy
         self._real_roots = [r.resolve() for r in self.roots]
         self.used: set[str] = set()
 
     @classmethod
     def for_config(cls, data_file: Path, data: DataConfig, config_dir: Optional[str]) -> "ImageResolver":
-        if data.allow_remote_images:
-            from . import images
-
-            images.REMOTE = images.RemoteSettings(data.remote_image_max_bytes, data.remote_image_timeout)
-        return cls(data_file, data.image_root, config_dir, data.allow_absolute_paths, data.allow_remote_images)
+        return cls(data_file, data.image_root, config_dir, data.allow_absolute_paths, ImagePolicy.from_data(data), data.image_fallback_dir)
 
     def __call__(self, raw: str, where: str) -> str:
-        if raw.startswith(("http://", "https://")):
-            if not self.allow_remote:
+        if is_remote(raw):
+            if not self.policy.allow_remote:
                 raise UserError(where, f"remote image {raw!r}", "set data.allow_remote_images: true to fetch it, or download the images and use local paths")
             self.used.add("http(s)")
             return raw
@@ -144,13 +145,67 @@ class ImageResolver:
 
 
 def resolve_data_path(path: str, config_dir: Optional[str], where: str) -> Path:
-    """Data files resolve against the working directory, then the config's folder."""
-    p = Path(path).expanduser()
+    """Data files resolve against the working directory, then the config's folder (`config.resolve_path`)."""
+    p = resolve_path(path, config_dir)
     if p.is_file():
         return p
-    if not p.is_absolute() and config_dir and (Path(config_dir) / p).is_file():
-        return Path(config_dir) / p
     raise UserError(where, f"data file {path!r} not found", "fix the path (relative paths resolve against the working directory, then the config's folder)")
+
+
+# Byte-order marks, longest first: the UTF-32 LE mark begins with the UTF-16 LE one.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32"), (codecs.BOM_UTF32_BE, "utf-32-be", "UTF-32"),
+         (codecs.BOM_UTF8, "utf-8", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16"), (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16"))
+_SAVE_AS_UTF8 = "save the file as UTF-8 (Excel: Save As > CSV UTF-8; editors: encoding UTF-8)"
+
+
+def _lines_before(text: str) -> int:
+    """How many line ends `text` holds (CRLF, LF or CR each count once, as in an editor)."""
+    return text.count("\n") + text.count("\r") - text.count("\r\n")
+
+
+def read_text(path: Path) -> str:
+    """The text of a CSV or JSONL data file, as people have it: UTF-8 with or without a
+    byte-order mark (Excel writes one), UTF-16 or UTF-32 with one; CRLF, LF or CR line ends,
+    all returned as LF (so a file saved on Windows gives the same samples, and a CSV cell's
+    embedded line break is always '\\n'). Every data-file reader goes through here.
+
+    Anything else raises one line naming the file line of the first bad byte: bytes that are
+    not UTF-8 (Latin-1, Windows-1252), and NUL characters, which no text data holds but
+    UTF-16 without a byte-order mark decodes to as UTF-8."""
+    raw = path.read_bytes()
+    bom, encoding, name = next(((b, e, n) for b, e, n in _BOMS if raw.startswith(b)), (b"", "utf-8", "UTF-8"))
+    body = raw[len(bom):]
+    try:
+        text = body.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = _lines_before(body[: e.start].decode(encoding)) + 1
+        raise UserError(f"{path}:{line}", f"not {name} text (byte 0x{body[e.start]:02x} at byte offset {len(bom) + e.start})", _SAVE_AS_UTF8) from None
+    nul = text.find("\0")
+    if nul >= 0:
+        raise UserError(f"{path}:{_lines_before(text[:nul]) + 1}", "NUL characters in the text: UTF-16 without a byte-order mark, or not a text file",
+                        _SAVE_AS_UTF8)
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line, cells) for each non-blank row of a CSV file, header first, decoded by
+    `read_text`. `line` is the file line the row starts on (what an editor shows): a quoted
+    cell with line breaks makes its row span several lines, and the next row's number stays
+    right. Quoting that does not parse (a quote never closed) raises one line naming where
+    that row starts."""
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), strict=True)
+    end = 0  # the file line the previous row ended on
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(f"{path}:{end + 1}", f"not valid CSV ({e})",
+                            'check the quotes of the row starting here: a quoted cell must end with a quote, and a quote inside one is written ""') from None
+        start, end = end + 1, reader.line_num
+        if cells:  # a blank line is no row
+            yield start, cells
 
 
 def read_csv(path: Path, data: DataConfig, resolve: ImageResolver, problems: Optional[list[UserError]] = None) -> list[Sample]:
@@ -158,28 +213,22 @@ def read_csv(path: Path, data: DataConfig, resolve: ImageResolver, problems: Opt
     `problems` is given: then it is appended there and the row skipped (`vlmtune check`,
     `data.on_bad_sample: skip`)."""
     samples = []
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}", f"not UTF-8 text (byte offset {e.start})", "re-save the file as UTF-8") from None
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    cols = reader.fieldnames or []
+    rows = csv_rows(path)
+    header_line, cols = next(rows, (1, []))
 
     def pick(primary: str, fallback: str, key: str) -> str:
         if primary in cols:
             return primary
         if fallback in cols:
             return fallback
-        raise UserError(f"{path}:1", f"no column {primary!r} (columns: {', '.join(cols) or 'none'})", f"rename the column or set data.{key}")
+        raise UserError(f"{path}:{header_line}", f"no column {primary!r} (columns: {', '.join(cols) or 'none'})", f"rename the column or set data.{key}")
 
     image_col = pick(data.image_column, data.image_column, "image_column")
     instr_col = pick(data.instruction_column, data.query_column, "instruction_column")
     resp_col = pick(data.response_column, data.annotation_column, "response_column")
-    for row in reader:
+    for line, fields in rows:
+        row = dict(zip(cols, fields))  # a short row's missing cells read as empty
         try:
-            line = reader.line_num
             where = f"{path}:{line}"
             vals = {}
             for col in (image_col, instr_col, resp_col):
@@ -194,7 +243,8 @@ def read_csv(path: Path, data: DataConfig, resolve: ImageResolver, problems: Opt
                 msgs.append({"role": "system", "content": [{"type": "text", "text": data.system_message}]})
             msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": vals[instr_col]}]})
             msgs.append({"role": "assistant", "content": [{"type": "text", "text": answers[0]}]})
-            samples.append(Sample(id=f"{path.name}:{line}", messages=msgs, images=[image], origin=where, extra_references=answers[1:]))
+            samples.append(Sample(id=f"{path.name}:{line}", messages=msgs, images=[image], origin=where, extra_references=answers[1:],
+                                  image_policy=resolve.policy))
         except UserError as e:
             if problems is None:
                 raise
@@ -296,26 +346,23 @@ def _normalise_record(rec: Any, where: str, sample_id: str, resolve: ImageResolv
         extra = [extra]
     if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
         raise UserError(f"{where}: references", "must be a list of strings", 'write "references": ["two", "2"]')
-    return Sample(id=str(rec.get("id", sample_id)), messages=messages, images=resolved, extra_references=[x for x in extra if x != message_text(messages[-1])])
+    return Sample(id=str(rec.get("id", sample_id)), messages=messages, images=resolved, extra_references=[x for x in extra if x != message_text(messages[-1])],
+                  image_policy=resolve.policy)
 
 
 def jsonl_lines(path: Path) -> Iterator[tuple[str, Any]]:
-    """('path:line', parsed JSON) for each non-empty line; a line that is not UTF-8 or not
-    JSON gives a UserError in place of the value, for the caller to raise or collect."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield where, UserError(where, f"not UTF-8 text (byte {e.start} of the line)", "re-save the file as UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, UserError(where, f"not valid JSON ({e.msg} at column {e.colno})", "fix the line or remove it")
+    """('path:line', parsed JSON) for each non-empty line of a JSONL file (data, predictions),
+    decoded by `read_text`: a file that is not text in a known encoding raises on the first
+    step; a line that is not JSON gives a UserError in place of the value, for the caller to
+    raise or collect."""
+    for lineno, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, UserError(where, f"not valid JSON ({e.msg} at column {e.colno})", "fix the line or remove it")
 
 
 def read_jsonl(path: Path, data: DataConfig, resolve: ImageResolver, problems: Optional[list[UserError]] = None) -> list[Sample]:
@@ -357,4 +404,4 @@ def load_jsonl_file(path: str | os.PathLike, data: Optional[DataConfig] = None, 
     """Read a JSONL file outside a config (the `--dataset` quick form)."""
     p = resolve_data_path(str(path), None, "--dataset")
     d = data or DataConfig()
-    return read_jsonl(p, d, ImageResolver(p, image_root or d.image_root, None, d.allow_absolute_paths, d.allow_remote_images))
+    return read_jsonl(p, d, ImageResolver(p, image_root or d.image_root, None, d.allow_absolute_paths, ImagePolicy.from_data(d), d.image_fallback_dir))
