@@ -49,3 +49,30 @@ def write_config(path: Path, data_dir: Path, out_dir: Path, **overrides) -> Path
             cfg[k] = v
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def build_tiny_vipllava(out: Path) -> Path:
+    """A tiny VipLLaVA (no vlmtune family: the generic path) saved with its processor in `out`."""
+    import torch
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    from vlmtune.models.families.llava import LLAVA_CHAT_TEMPLATE
+    from vlmtune.models.tiny import train_tokenizer
+
+    tok = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos="<s>")
+    tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token = "<unk>", "<s>", "</s>", "<pad>"
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    proc = LlavaProcessor(ip, tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
+    cfg = VipLlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"]),
+        image_token_index=ids["<image>"], image_seq_length=16, vision_feature_layers=[-2, -1],
+    )
+    torch.manual_seed(0)
+    VipLlavaForConditionalGeneration(cfg).save_pretrained(out)
+    proc.save_pretrained(out)
+    return out

@@ -7,18 +7,20 @@ from that directory exactly like a user's checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..config import ModelConfig, VisualEncoderSettings
 from ..errors import UserError
-from .families import Family, PartMap, find_family, resolve_parts
+from .families import PART_NAMES, Family, PartMap, find_family, resolve_parts
 from .processors import has_torchvision, image_only
 from .tiny import is_tiny, tiny_dir
 
@@ -35,6 +37,10 @@ class LoadedModel:
     """Where the base weights come from (a local dir for tiny models): adapters point here."""
     newly_initialized: list[str] = field(default_factory=list)
     """Parameter names the checkpoint did not contain (random init)."""
+    config: Optional[ModelConfig] = None
+    """The model config it was loaded with (to load the same base again, e.g. unquantized)."""
+    quant_bits: Optional[int] = None
+    """4 or 8 when the LLM's linear layers are bitsandbytes-quantized, else None."""
 
     @property
     def family_name(self) -> str:
@@ -125,11 +131,17 @@ def load_model(
     ve: Optional[VisualEncoderSettings] = None,
     where: str = "model",
     device_map: Optional[str] = None,
+    full_precision_parts: Sequence[str] = (),
 ) -> LoadedModel:
     """Load `mcfg.hf_model_id` for training or generation.
 
     Reports (log) how many weights were newly initialized and in which parts; with
     `improve_initialization` re-initialises exactly those weights (Xavier-uniform).
+
+    With `load_in_4bit`/`load_in_8bit` only the LLM's linear layers are quantized: the vision
+    encoder, the projector, the LM head and every part named in `full_precision_parts` (the
+    parts the run trains `full`) load in full precision (see `full_precision_roots`). A
+    quantized part cannot train fully, so `"llm"` there is refused with a `UserError`.
     """
     from transformers import AutoModelForImageTextToText
 
@@ -142,16 +154,11 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": mcfg.trust_remote_code, "output_loading_info": True, "use_safetensors": True}
     if mcfg.attn_implementation:
         kwargs["attn_implementation"] = mcfg.attn_implementation
-    if mcfg.load_in_4bit:
-        try:
-            from transformers import BitsAndBytesConfig
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError(f"{where}.load_in_4bit", "bitsandbytes is not installed", "pip install 'vlmtune[quant]'") from None
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=["lm_head", "multi_modal_projector", "merger", "visual", "vision_tower"],
-        )
+    bits = quantization_bits(mcfg, where)
+    keep: list[str] = []
+    if bits:
+        keep = full_precision_roots(hf_cfg, mcfg, family, full_precision_parts, where, bits)
+        kwargs["quantization_config"] = bnb_config(bits, dtype, keep)
         kwargs["device_map"] = device_map or ("auto" if torch.cuda.is_available() else "cpu")
     elif device_map:
         kwargs["device_map"] = device_map
@@ -168,11 +175,161 @@ def load_model(
                 raise UserError(where, f"{path!r} ({hf_cfg.model_type}) is not an image-text-to-text model", "use a vision-language checkpoint") from None
             raise
     parts = resolve_parts(model, family)
+    if bits:
+        check_quantized(model, keep, bits)
+        keep_trainable_layout(model)
     missing = sorted(set(info.get("missing_keys", [])))
     if missing:
         _report_new_weights(model, parts, missing, ve)
     processor = load_processor(path, family, mcfg, where)
-    return LoadedModel(model=model, processor=processor, family=family, parts=parts, path=path, newly_initialized=missing)
+    return LoadedModel(model=model, processor=processor, family=family, parts=parts, path=path, newly_initialized=missing,
+                       config=mcfg, quant_bits=bits)
+
+
+def merge_adapter_full_precision(
+    lm: LoadedModel,
+    adapter_dir: "str | os.PathLike[str]",
+    ve: Optional[VisualEncoderSettings] = None,
+    device_map: Optional[str] = "cpu",
+) -> nn.Module:
+    """The LoRA adapter in `adapter_dir` merged into the *unquantized* base of `lm`.
+
+    `final/` of a QLoRA run. Merging into the 4/8-bit weights instead would requantize W + BA:
+    a trained LoRA delta is mostly smaller than one NF4 step, so it would be rounded away, and
+    the result would load only with bitsandbytes. This is what `lora_adapter/` on the
+    full-precision base gives with plain peft. `device_map="cpu"` by default: the quantized
+    training model may still occupy the accelerator.
+    """
+    from peft import PeftModel
+
+    if lm.config is None:
+        raise ValueError("merge_adapter_full_precision needs a LoadedModel from load_model (its config is unknown)")
+    mcfg = dataclasses.replace(lm.config, load_in_4bit=False, load_in_8bit=False)
+    base = load_model(mcfg, ve, where=mcfg.name or "model", device_map=device_map)
+    return PeftModel.from_pretrained(base.model, str(adapter_dir)).merge_and_unload()
+
+
+QUANT_KEYS = {4: "load_in_4bit", 8: "load_in_8bit"}
+
+
+def quantization_bits(mcfg: ModelConfig, where: str = "model") -> Optional[int]:
+    """4, 8 or None (full precision) from `load_in_4bit` / `load_in_8bit`; both set is refused."""
+    four, eight = bool(mcfg.load_in_4bit), bool(mcfg.load_in_8bit)
+    if four and eight:
+        raise UserError(f"{where}.load_in_8bit", "load_in_4bit and load_in_8bit are both true", "set only one of them (load_in_4bit for QLoRA)")
+    return 4 if four else 8 if eight else None
+
+
+def full_precision_roots(
+    hf_cfg: Any,
+    mcfg: ModelConfig,
+    family: Optional[Family],
+    full_precision_parts: Sequence[str],
+    where: str,
+    bits: int,
+) -> list[str]:
+    """Module paths (from the top-level model) that a quantized load keeps in full precision.
+
+    Everything but the LLM's linear layers: the vision encoder and projector roots (small next
+    to the LLM, and the projector trains in every mode), the output head (quantizing it costs
+    accuracy; when tied to the input embeddings it cannot be quantized at all) and any weight
+    tied to another, plus the roots of every part in `full_precision_parts`. The roots come
+    from the family's (or the generic inspection's) PartMap of this very architecture, built on
+    the meta device from the config before any weight loads -- no hard-coded module names, and
+    no allocation however large the model.
+    """
+    key = f"{where}.{QUANT_KEYS[bits]}"
+    unknown = set(full_precision_parts) - set(PART_NAMES)
+    if unknown:
+        raise ValueError(f"full_precision_parts: unknown part(s) {sorted(unknown)}; parts are {PART_NAMES}")
+    if "llm" in full_precision_parts:
+        raise UserError(key, f"{bits}-bit quantizes the LLM, which this run trains fully (training.parts.llm.train: full), and quantized weights cannot train",
+                        f"train the llm with lora (QLoRA) or set {QUANT_KEYS[bits]}: false")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(key, "bitsandbytes is not installed", "pip install 'vlmtune[quant]'") from None
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(hf_cfg, trust_remote_code=mcfg.trust_remote_code)
+    parts = resolve_parts(skeleton, family)
+    roots = [r for p in ("vision", "projector", *full_precision_parts) for r in parts.roots.get(p, [])]
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
+    if head is not None and id(head) in names:
+        roots.append(names[id(head)])
+    # A weight shared by two modules (tied embeddings) must keep one dtype for both.
+    tied = getattr(skeleton, "all_tied_weights_keys", None) or {}
+    roots += [k.removesuffix(".weight") for pair in tied.items() for k in pair]
+    modules = dict(skeleton.named_modules())
+    # Bare-parameter roots (BLIP-2's query_tokens) are never quantized: only modules matter.
+    return sorted({r for r in roots if r in modules and r})
+
+
+def skip_patterns(roots: Sequence[str]) -> list[str]:
+    """`llm_int8_skip_modules` entries that match each root and its descendants, nothing else.
+
+    transformers (5.x, `quantizers_utils.should_convert_module`) skips a module when a pattern
+    matches its full name *as a regex from the start, up to a module boundary*, or when the
+    name merely *ends with* the pattern. A plain `visual` therefore skips the container
+    `model.visual` but none of the linears inside it, and `lm_head` would also skip any
+    `*.lm_head` elsewhere. `^` + the escaped path leaves only the anchored-prefix rule: a name
+    never contains `^`, so the suffix rule cannot fire, and escaped dots are literal.
+    """
+    return ["^" + re.escape(r) for r in roots]
+
+
+def bnb_config(bits: int, dtype: torch.dtype, keep: Sequence[str]) -> Any:
+    """bitsandbytes config quantizing every linear layer outside the `keep` roots."""
+    from transformers import BitsAndBytesConfig
+
+    skip = skip_patterns(keep)
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer."""
+    import bitsandbytes as bnb
+
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def check_quantized(model: nn.Module, keep: Sequence[str], bits: int) -> None:
+    """Guard the promise of a quantized load: nothing under a kept root is quantized (a bug,
+    raised), and something is (else a warning). A transformers change in how skip patterns
+    match would otherwise quantize the projector silently, to fail only when it trains."""
+    quantized = [n for n, m in model.named_modules() if is_quantized_module(m)]
+    wrong = [n for n in quantized if any(n == r or n.startswith(r + ".") for r in keep)]
+    if wrong:
+        raise RuntimeError(f"{bits}-bit load quantized {wrong[0]} (and {len(wrong) - 1} more) inside a full-precision part; please report it")
+    if not quantized:
+        log.warning("%d-bit load: no linear layer of the LLM could be quantized; the model runs in full precision", bits)
+    else:
+        log.info("%d-bit load: %d LLM linear layers quantized; kept in full precision: %s", bits, len(quantized), ", ".join(keep))
+
+
+def keep_trainable_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference-only layout.
+
+    On a CPU with AVX512-BF16, `Linear4bit.forward` in eval mode on an input without grad (any
+    evaluation, sanity or generation pass under `torch.no_grad()`) rewrites its weight *in
+    place and for good* into a packed layout served by `gemv_4bit`, which has no autograd:
+    every later training forward then fails on a layer with a bias ("a view of a leaf Variable
+    that requires grad is being used in an in-place operation") or, without a bias, silently
+    gets a wrong gradient through that layer (no autograd formula). Turning the fast path off keeps one layout for
+    training and evaluation alike (and the same numerics in both). Returns how many layers.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def _report_new_weights(model: nn.Module, parts: PartMap, missing: list[str], ve: VisualEncoderSettings) -> None:
