@@ -12,7 +12,9 @@ from vlmtune.data.collate import Collator, Encoder
 from vlmtune.data.sources import Sample
 from vlmtune.errors import UserError
 from vlmtune.models.loading import load_model
-from vlmtune.train.components import apply_plan, param_groups, plan_parts, strip_peft
+from vlmtune.train.adapt import apply_plan, strip_peft
+from vlmtune.train.optim import param_groups
+from vlmtune.train.plan import plan_parts
 
 IMG = Image.new("RGB", (56, 56), (30, 200, 30))
 SAMPLE = Sample("s", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]},

@@ -384,7 +384,7 @@ def test_nan_skip_batch_skips_exactly_the_poisoned_updates(poisoned, tmp_path):
 def test_kill_between_the_two_renames_of_an_output_swap_is_undone(tmp_path):
     """`final/` and `lora_adapter/` are swapped in by two renames; a kill between them leaves
     the previous complete folder at `.final.old` and none at `final/`: it comes back."""
-    from vlmtune.train.sft import _save_dir_atomically, recover_swapped_dir
+    from vlmtune.train.rundir import save_dir_atomically as _save_dir_atomically, recover_swapped_dir
 
     final = tmp_path / "final"
     _save_dir_atomically(final, lambda d: (d.mkdir(), (d / "w").write_text("v1")))
@@ -416,13 +416,15 @@ def test_non_finite_gradient_with_finite_loss_never_updates(tmp_path, policy):
     """The gradient half of the guard, on the Trainer itself (no model files needed)."""
     from transformers import TrainingArguments, default_data_collator
 
-    from vlmtune.train.sft import IndexCarryingCollator, IndexedDataset, NonFiniteLoss, _make_trainer_cls
+    from vlmtune.train.guard import NonFiniteLoss
+    from vlmtune.train.samples import IndexCarryingCollator, IndexedDataset
+    from vlmtune.train.trainer import VlmTrainer
 
     rows = [{"x": torch.tensor(1.0), "labels": torch.tensor(0)} for _ in range(4)]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, use_cpu=True, report_to=[],
                              save_strategy="no", logging_steps=1, disable_tqdm=True, remove_unused_columns=False, label_names=["labels"])
     model = _SqrtModel()
-    trainer = _make_trainer_cls()(model=model, args=args, train_dataset=IndexedDataset(rows), data_collator=IndexCarryingCollator(default_data_collator),
+    trainer = VlmTrainer(model=model, args=args, train_dataset=IndexedDataset(rows), data_collator=IndexCarryingCollator(default_data_collator),
                                   nan_policy=policy, sample_ids=[f"d.jsonl:{i + 1}" for i in range(4)], run_label="run t")
     if policy == "stop":
         with pytest.raises(NonFiniteLoss) as e:

@@ -109,34 +109,64 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(shapes_dir, tmp_path, ca
     assert "FAILED" in capsys.readouterr().out
 
 
-def test_killed_grid_resumes_and_leaves_finished_runs_alone(shapes_dir, tmp_path):
-    cfg = write_config(tmp_path / "g.yaml", shapes_dir, tmp_path / "out", models=MODELS[:1], lora_variants=VARIANTS,
-                       training={"max_steps": 6, "save_steps": 2, "logging_steps": 1},
-                       evaluation={"enabled": True, "batch_size": 8, "metrics": ["exact_match"]})
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "vlmtune.cli", "run", str(cfg)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    second = out / "q__both_r8" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if second.is_dir() and any((p / "trainer_state.json").is_file() for p in second.glob("checkpoint-*")):  # a complete checkpoint
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the grid finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (out / "q__r4" / "generation_metrics.json").is_file() and not (out / "q__both_r8" / "metrics.json").exists()
-    first = {p: p.read_bytes() for p in (out / "q__r4").rglob("*") if p.is_file()}
-    mtimes = {p: p.stat().st_mtime_ns for p in first}
+def _finished_files(out: Path) -> dict[Path, tuple[bytes, int]]:
+    """Every file of every finished run (evaluated: generation_metrics.json), with its mtime."""
+    files = {}
+    for run in out.iterdir() if out.is_dir() else []:
+        if (run / "generation_metrics.json").is_file():
+            files.update({p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()})
+    return files
 
+
+def test_grid_killed_five_times_at_random_moments_ends_like_an_uninterrupted_grid(shapes_dir, tmp_path):
+    """kill -9 at five seeded-random moments (during loading, training, checkpointing,
+    writing outputs or evaluating, wherever they fall): finished runs are never touched again,
+    and the grid completes with the losses, predictions and metrics of an uninterrupted one."""
+    import random
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float reductions in every process
+
+    def config(where: Path) -> Path:
+        return write_config(where / "g.yaml", shapes_dir, where / "out", models=MODELS[:1], lora_variants=VARIANTS,
+                            training={"max_steps": 6, "save_steps": 2, "logging_steps": 1},
+                            evaluation={"enabled": True, "batch_size": 4, "metrics": ["exact_match"]})
+
+    (tmp_path / "ref").mkdir()
+    t0 = time.time()
+    ref = subprocess.run([sys.executable, "-m", "vlmtune", "run", str(config(tmp_path / "ref"))], env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    whole = time.time() - t0  # an uninterrupted grid's wall time on this machine, as it is loaded now
+    (tmp_path / "k").mkdir()
+    cfg, out = config(tmp_path / "k"), tmp_path / "k" / "out"
+    cmd = [sys.executable, "-m", "vlmtune", "run", str(cfg)]
+    rng = random.Random(20261202)
+    kills = 0
+    # kill points spread over the first half of a whole grid: each rerun also pays start-up
+    # again, so five of them land before the grid can finish
+    for delay in [rng.uniform(2.0, max(3.0, 0.45 * whole)) for _ in range(5)]:
+        done = _finished_files(out)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        for p, (data, mtime) in done.items():  # a finished run is never written again
+            assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime, p
+    assert kills >= 4, "the grid finished before most kills: lengthen the runs"
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert {p: p.read_bytes() for p in first} == first and {p: p.stat().st_mtime_ns for p in first} == mtimes
-    s = json.loads((out / "ablation_summary.json").read_text())
-    assert [(x["run"], x["status"], x["reused"]) for x in s["runs"]] == [("q__r4", "complete", True), ("q__both_r8", "complete", False)]
-    m = json.loads((out / "q__both_r8" / "metrics.json").read_text())
-    assert m["global_step"] == 6 and m["resumed_from"] and "checkpoint-" in m["resumed_from"]
+    ours, theirs = (json.loads((o / "ablation_summary.json").read_text()) for o in (out, tmp_path / "ref" / "out"))
+    assert [x["run"] for x in ours["runs"]] == [x["run"] for x in theirs["runs"]] == ["q__r4", "q__both_r8"]
+    for a, b in zip(ours["runs"], theirs["runs"]):
+        assert a["status"] == b["status"] == "complete" and a["global_step"] == b["global_step"] == 6
+        assert abs(a["final_train_loss"] - b["final_train_loss"]) < 1e-6, (a["run"], a["final_train_loss"], b["final_train_loss"])
+        assert a["metrics"]["exact_match"]["value"] == b["metrics"]["exact_match"]["value"]
+        preds = [json.loads(line)["prediction"] for line in (out / a["run"] / "predictions.jsonl").read_text().splitlines()]
+        want = [json.loads(line)["prediction"] for line in (tmp_path / "ref" / "out" / a["run"] / "predictions.jsonl").read_text().splitlines()]
+        assert preds == want
+        assert not list((out / a["run"]).glob(".*")), list((out / a["run"]).glob(".*"))
 
 
 def test_paired_bootstrap_detects_a_real_difference():

@@ -24,8 +24,10 @@ from vlmtune.data.sources import Sample
 from vlmtune.eval.generate import GenerationSettings, generate
 from vlmtune.models.families import FAMILIES
 from vlmtune.models.loading import ModelConfig, load_model
-from vlmtune.train.components import apply_plan, param_groups, plan_parts
-from vlmtune.train.sft import save_outputs
+from vlmtune.train.adapt import apply_plan
+from vlmtune.train.optim import param_groups
+from vlmtune.train.plan import plan_parts
+from vlmtune.train.outputs import save_outputs
 
 FAMILY_NAMES = sorted(f for f in FAMILIES if FAMILIES[f].build_tiny is not None)
 MODES = {"projector": {"projector"}, "llm": {"projector", "llm"}, "vision": {"projector", "vision"}, "both": {"projector", "vision", "llm"}}
@@ -219,7 +221,7 @@ def test_image_processor_overrides_change_the_image_token_count(shapes_dir):
 def test_inspect_estimate_equals_what_training_makes_trainable(loaded, mode):
     """`vlmtune inspect`'s per-mode estimate is exactly what apply_plan then trains."""
     from vlmtune.config import LoraConfig
-    from vlmtune.train.components import estimate_trainable, parameter_report
+    from vlmtune.train.plan import estimate_trainable, parameter_report
 
     fam, _ = loaded
     lm = _fresh(fam)
@@ -229,3 +231,23 @@ def test_inspect_estimate_equals_what_training_makes_trainable(loaded, mode):
     model = apply_plan(lm.model, lm.parts, lm.family, plan, lora)
     actual = {p: v["trainable"] for p, v in parameter_report(model, lm.parts)["parts"].items() if p != "other"}
     assert est == actual
+
+
+def test_training_loss_equals_the_models_own_loss(loaded, shapes_dir):
+    """train/loss.py computes the loss from the logits (the Trainer then normalises it over a
+    whole optimizer step); for a plain batch it must be exactly the family's own loss."""
+    from vlmtune.train.loss import token_mean_loss
+
+    fam, lm = loaded
+    enc = Encoder(lm.processor, lm.family)
+    ds = SFTDataset(_samples(shapes_dir), enc, 4096)
+    batch = Collator(lm.processor.tokenizer.pad_token_id)([ds[0], ds[1], ds[2]])
+    lm.model.eval()
+    with torch.no_grad():
+        out = lm.model(**batch)
+        labels = batch["labels"]
+        ours = token_mean_loss(out, labels)
+        n = int((labels[..., 1:] != -100).sum())
+        summed = token_mean_loss(out, labels, num_items_in_batch=torch.tensor(n * 2))
+    assert torch.allclose(ours, out.loss, atol=1e-5), (fam, ours.item(), out.loss.item())
+    assert torch.allclose(summed * 2, out.loss, atol=1e-5)  # divided by the step's count, not the batch's

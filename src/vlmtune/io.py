@@ -1,5 +1,6 @@
-"""Atomic writes: every JSON/YAML result is written to a temp file in the same folder and
-renamed into place, so a crash never leaves a half-written result behind."""
+"""Atomic, durable writes: every JSON/YAML result is written to a temp file in the same
+folder, fsynced, renamed into place, and the folder fsynced, so neither a kill nor a power cut
+leaves a half-written result behind, and a result reported written survives a power cut."""
 
 from __future__ import annotations
 
@@ -21,12 +22,42 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        fsync_dir(path.parent)  # the temp file's directory entry, before the rename
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a folder's entries (created, renamed, removed files) durable."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file under `root`, then every folder bottom-up (`root` included): a folder
+    written by a library (a checkpoint, `save_pretrained`) becomes durable before it is
+    renamed into place or reported written."""
+    root = Path(root)
+    dirs = [root]
+    for p in sorted(root.rglob("*")):
+        if p.is_dir():
+            dirs.append(p)
+        elif p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        fsync_dir(d)
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> None:

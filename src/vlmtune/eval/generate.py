@@ -33,6 +33,7 @@ from ..data.images import load_image
 from ..data.sources import Sample
 from ..errors import UserError
 from ..io import atomic_write_json, read_json
+from ..train.rundir import GENERATION_METRICS, PREDICTIONS
 from . import metrics as M
 from .bootstrap import Bootstrap
 
@@ -124,7 +125,7 @@ def generate_batches(model: torch.nn.Module, encoder: Encoder, samples: list[Sam
     device = next(model.parameters()).device
     eos = _end_token_ids(encoder)
     for batch in _batches(samples, max(1, batch_size)):
-        images = [[load_image(p, f"{s.id}: image") for p in s.images] for s in batch]
+        images = [[load_image(p, f"{s.id}: image", s.image_policy) for p in s.images] for s in batch]
         inputs = encoder.encode_prompts([build_prompt(encoder, s, style) for s in batch], images).to(device)
         gen = model.generate(**inputs, **settings.kwargs(), eos_token_id=eos, pad_token_id=tok.pad_token_id)
         prompt_len = inputs["input_ids"].shape[1]
@@ -151,7 +152,7 @@ class PredictionLog:
     """`predictions.jsonl` in `out_dir`, appended batch by batch and resumable."""
 
     def __init__(self, out_dir: Path, fingerprint: dict[str, Any]):
-        self.path = out_dir / "predictions.jsonl"
+        self.path = out_dir / PREDICTIONS
         self.meta_path = out_dir / "predictions.meta.json"
         self.fingerprint = fingerprint
 
@@ -246,5 +247,5 @@ def evaluate_samples(model: torch.nn.Module, encoder: Encoder, samples: list[Sam
         "generated_this_session": len(todo), "generation_seconds": gen_seconds,
     })
     if out_dir is not None:
-        atomic_write_json(out_dir / "generation_metrics.json", result)
+        atomic_write_json(out_dir / GENERATION_METRICS, result)
     return result

@@ -26,6 +26,7 @@ from ..data.collate import Encoder
 from ..data.sources import ImageResolver, Sample, jsonl_lines, read_csv, read_jsonl, resolve_data_path
 from ..errors import UserError
 from ..io import atomic_write_json
+from ..train.rundir import RunDir
 from .generate import GenerationSettings, describe_weights
 
 log = logging.getLogger("vlmtune")
@@ -43,7 +44,7 @@ class EvalModel:
 def read_run_config(run_dir: Path) -> Config:
     import yaml
 
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.is_file():
         raise UserError(str(run_dir), "not a vlmtune run directory (no config.yaml)", "pass the folder `vlmtune train` made, e.g. results/<experiment>/<model>__<variant>")
     try:
@@ -89,7 +90,7 @@ def load_run(run_dir: Path, weights: str = "auto") -> EvalModel:
 
     cfg = read_run_config(run_dir)
     mcfg = cfg.models[0]
-    final, adapter = run_dir / "final", run_dir / "lora_adapter"
+    final, adapter = RunDir(run_dir).final, RunDir(run_dir).lora_adapter
     use_final = weights == "final" or (weights == "auto" and (final / "config.json").is_file())
     if use_final:
         if not (final / "config.json").is_file():

@@ -23,13 +23,14 @@ from typing import Any, Optional
 
 import yaml
 
-from ..config import Config, LoraConfig, ModelConfig
+from .. import dist
+from ..config import Config, LoraConfig, ModelConfig, from_dict
 from ..data.check import gate
 from ..data.sources import Sample
 from ..errors import UserError
 from ..eval.generate import GenerationSettings, describe_weights, evaluate_samples
-from ..io import read_json
-from ..train.sft import check_precision, resolved_run_config, run_name, train_run
+from ..train.rundir import RunDir, resolved_run_config, run_name
+from ..train.stages import describe_stages, preflight, train_staged
 
 log = logging.getLogger("vlmtune")
 
@@ -66,60 +67,82 @@ def eval_split(cfg: Config, splits: dict[str, Optional[list[Sample]]]) -> tuple[
     return None, None
 
 
-def _finished(run_dir: Path, wants_eval: bool) -> bool:
-    return (run_dir / "metrics.json").is_file() and (not wants_eval or (run_dir / "generation_metrics.json").is_file())
-
-
-def _settings_differ(run_dir: Path, expected: dict[str, Any]) -> list[str]:
-    """Top-level sections of the run's saved config.yaml that differ from `expected`."""
+def _settings_differ(rd: RunDir, run_cfg: Config, m: ModelConfig, v: LoraConfig) -> list[str]:
+    """Top-level sections of the run's saved config.yaml that differ from what this run would
+    save (`resolved_run_config`: paths absolute). Like is compared with like: the saved config
+    goes through the same path resolution (`Config.with_absolute_paths`, against this config's
+    folder and the working directory), so a config.yaml saved with relative paths (before they
+    were saved absolute) still matches a rerun of the same command from the same folder."""
+    expected = resolved_run_config(run_cfg, m, v)
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        saved = yaml.safe_load(rd.config.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return ["config.yaml (unreadable)"]
+    if not isinstance(saved, dict):
+        return ["config.yaml (not a mapping)"]
+    try:
+        saved_cfg = from_dict(Config, saved, "", str(rd.config))
+    except UserError:
+        pass  # keys this version does not know: compared as written
+    else:
+        saved_cfg.config_dir = run_cfg.config_dir
+        saved = saved_cfg.with_absolute_paths().to_dict()
     return [k for k in _RUN_KEYS if saved.get(k) != expected.get(k)]
 
 
-def _evaluate(run_cfg: Config, model: Any, encoder: Any, samples: list[Sample], run_dir: Path) -> dict[str, Any]:
-    bs = run_cfg.evaluation.batch_size or run_cfg.training.per_device_eval_batch_size
-    return evaluate_samples(model, encoder, samples, run_dir, bs, GenerationSettings.from_training(run_cfg.training),
-                            run_cfg.evaluation.metrics, model_desc=describe_weights(run_dir / "final"))
+def _evaluate(run_cfg: Config, model: Any, encoder: Any, samples: list[Sample], rd: RunDir) -> Optional[dict[str, Any]]:
+    """Generate and score on rank 0 (the only rank that holds the merged model); the other
+    ranks wait for it and return None."""
+    result = None
+    if dist.is_main():
+        bs = run_cfg.evaluation.batch_size or run_cfg.training.per_device_eval_batch_size
+        result = evaluate_samples(model, encoder, samples, rd.path, bs, GenerationSettings.from_training(run_cfg.training),
+                                  run_cfg.evaluation.metrics, model_desc=describe_weights(rd.final))
+    dist.barrier()
+    return result
 
 
 def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[str, Optional[list[Sample]]],
              bad: dict[str, int], callbacks: Optional[list[Any]] = None, reuse: bool = True) -> dict[str, Any]:
     name = run_name(m, v)
     run_cfg = cfg.for_variant(v)
-    run_dir = cfg.resolved_output_dir() / name
+    rd = RunDir(cfg.resolved_output_dir() / name)
     split, samples = eval_split(run_cfg, splits)
     wants_eval = bool(run_cfg.evaluation.enabled and samples)
-    summary: dict[str, Any] = {"run": name, "run_dir": str(run_dir), "model": m.name, "variant": v.name}
-    if reuse and (run_dir / "metrics.json").is_file():  # trained earlier
-        differ = _settings_differ(run_dir, resolved_run_config(run_cfg, m, v))
+    summary: dict[str, Any] = {"run": name, "run_dir": str(rd), "model": m.name, "variant": v.name}
+    if reuse and rd.is_trained():  # trained earlier
+        differ = _settings_differ(rd, run_cfg, m, v)
         if differ:
-            raise UserError(str(run_dir), f"holds a trained run with different {', '.join(differ)} settings",
+            raise UserError(str(rd), f"holds a trained run with different {', '.join(differ)} settings",
                             "delete or move that run directory, or give the changed variant a new name")
-        metrics = read_json(run_dir / "metrics.json")
-        if _finished(run_dir, wants_eval):
+        metrics = rd.read_metrics()
+        if rd.is_finished(wants_eval):
             log.info("%s: finished earlier, reused (files untouched)", name)
             summary.update(status="complete", reused=True, metrics=metrics)
             if wants_eval:
-                summary.update(generation_metrics=read_json(run_dir / "generation_metrics.json"), eval_split=split)
+                summary.update(generation_metrics=rd.read_generation_metrics(), eval_split=split)
             return summary
         # Killed during evaluation: evaluate the saved model (its predictions resume).
         from ..eval.standalone import load_run
 
         log.info("%s: trained earlier; evaluating it", name)
-        em = load_run(run_dir)
+        em = load_run(rd.path) if dist.is_main() else None
         summary.update(status="complete", reused=False, metrics=metrics,
-                       generation_metrics=_evaluate(run_cfg, em.model, em.encoder, samples, run_dir), eval_split=split)
+                       generation_metrics=_evaluate(run_cfg, em and em.model, em and em.encoder, samples, rd), eval_split=split)
         return summary
-    check_precision(run_cfg, m, f"models[{i}]")
+    preflight(run_cfg, m, v, f"models[{i}]")
     # data.on_bad_sample: skip -- the run's metrics say how much data it did not see
-    res = train_run(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]", callbacks=callbacks,
+    res = train_staged(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]", callbacks=callbacks,
                     extra_metrics={"skipped_bad_samples": bad} if bad else None)
     summary.update(status="complete", reused=False, metrics=res["metrics"])
     if wants_eval:
-        summary["generation_metrics"] = _evaluate(run_cfg, res["model"], res["encoder"], samples, run_dir)
+        model, encoder = res["model"], res["encoder"]
+        if model is None and dist.is_main():  # a staged run whose stages had all finished before
+            from ..eval.standalone import load_run
+
+            em = load_run(rd.path)
+            model, encoder = em.model, em.encoder
+        summary["generation_metrics"] = _evaluate(run_cfg, model, encoder, samples, rd)
         summary["eval_split"] = split
     return summary
 
@@ -133,7 +156,7 @@ def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = 
     every run trains -- continuing from its checkpoints, e.g. to more steps."""
     runs = select_runs(cfg, model, variant, only)
     for i, m, v in runs:  # refuse impossible precisions before anything loads or is written
-        check_precision(cfg.for_variant(v), m, f"models[{i}]")
+        preflight(cfg.for_variant(v), m, v, f"models[{i}]")
     if cfg.evaluation.metrics:
         from ..eval.metrics import check_names
 
@@ -183,9 +206,9 @@ def whole_grid(cfg: Config, done: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if name in by_name:
             out.append(by_name[name])
             continue
-        run_dir = cfg.resolved_output_dir() / name
-        entry: dict[str, Any] = {"run": name, "run_dir": str(run_dir), "model": m.name, "variant": v.name}
-        if (run_dir / "metrics.json").is_file() and not _settings_differ(run_dir, resolved_run_config(cfg.for_variant(v), m, v)):
+        rd = RunDir(cfg.resolved_output_dir() / name)
+        entry: dict[str, Any] = {"run": name, "run_dir": str(rd), "model": m.name, "variant": v.name}
+        if rd.is_trained() and not _settings_differ(rd, cfg.for_variant(v), m, v):
             entry.update(status="complete", reused=True)
         else:
             entry.update(status="pending", error="not run yet (vlmtune run without --only runs it)")
@@ -195,12 +218,12 @@ def whole_grid(cfg: Config, done: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def describe_runs(cfg: Config, only: Optional[str] = None) -> list[str]:
     """One line per selected run: what it trains (`vlmtune run --dry-run`)."""
-    from ..train.components import describe_plan, plan_parts
+    from ..train.plan import describe_plan, plan_parts
 
     lines = []
     for _, m, v in select_runs(cfg, only=only):
         rc = cfg.for_variant(v)
-        plan = describe_plan(plan_parts(rc.training, rc.visual_encoder_settings))
+        plan = describe_stages(rc) if rc.training.stages else describe_plan(plan_parts(rc.training, rc.visual_encoder_settings))
         lora = f"r={v.r} alpha={v.alpha:g} dropout={v.dropout:g}"
         lines.append(f"{run_name(m, v)}: {m.hf_model_id}; mode {rc.training.training_mode}: {plan}; LoRA {lora}; lr {rc.training.learning_rate:g}")
     return lines

@@ -7,11 +7,14 @@ import os
 import time
 from typing import Any, Optional
 
+from .. import dist
+
 
 class GridProgress:
     def __init__(self, n_runs: int):
         self.n_runs = n_runs
-        self.enabled = os.environ.get("VLMTUNE_NO_PROGRESS") != "1" and n_runs > 0
+        # one bar per job, not per process: rank 0 draws it
+        self.enabled = os.environ.get("VLMTUNE_NO_PROGRESS") != "1" and n_runs > 0 and dist.is_main()
         self.bar: Optional[Any] = None
         self.done_runs = 0
         self.name = ""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..io import atomic_write_text, read_json
+from ..train.rundir import RunDir
 
 
 def _png(fig) -> str:
@@ -167,7 +168,7 @@ def write_report(output_dir: str | Path) -> Path:
     summary = read_json(summary_path)
     histories = {}
     for r in summary["runs"]:
-        p = Path(r["run_dir"]) / "metrics.json"
+        p = RunDir(r["run_dir"]).metrics
         if p.is_file():
             histories[r["run"]] = json.loads(p.read_text(encoding="utf-8"))
     return atomic_write_text(out / "report.html", render(summary, histories))

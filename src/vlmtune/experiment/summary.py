@@ -21,6 +21,7 @@ from ..config import Config
 from ..eval import metrics as M
 from ..eval.bootstrap import Bootstrap
 from ..io import read_json
+from ..train.rundir import RunDir
 
 log = logging.getLogger("vlmtune")
 
@@ -104,9 +105,9 @@ def run_entry(cfg: Config, result: dict[str, Any]) -> dict[str, Any]:
     entry["settings"] = {"lora": {k: v for k, v in dataclasses.asdict(variant).items() if k != "training"},
                          "training": dataclasses.asdict(run_cfg.training)}
     entry["reused"] = bool(result.get("reused"))
-    rep = _read(run_dir / "parameter_report.json") or {}
+    rep = _read(RunDir(run_dir).parameter_report) or {}
     entry["parameters"] = {"total": rep.get("total_parameters"), "trainable": rep.get("trainable_parameters"), "by_part": rep.get("parts")}
-    m = result.get("metrics") or _read(run_dir / "metrics.json") or {}
+    m = result.get("metrics") or _read(RunDir(run_dir).metrics) or {}
     secs = m.get("train_seconds")
     entry.update({
         "train_seconds": secs,
@@ -117,7 +118,7 @@ def run_entry(cfg: Config, result: dict[str, Any]) -> dict[str, Any]:
         "final_eval_loss": m.get("final_eval_loss"),
         "global_step": m.get("global_step"),
     })
-    gm = result.get("generation_metrics") or _read(run_dir / "generation_metrics.json") or {}
+    gm = result.get("generation_metrics") or _read(RunDir(run_dir).generation_metrics) or {}
     entry["metrics"] = {k: {"value": e["value"], "ci95": e.get("ci95")} for k, e in gm.items() if isinstance(e, dict) and "value" in e}
     entry["n_eval_samples"] = gm.get("n_samples")
     return entry

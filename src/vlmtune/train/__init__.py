@@ -1,1 +1,14 @@
-"""Training: what trains (components), supervised fine-tuning (sft)."""
+"""Training: one home per concern, composed by the recipes.
+
+- `plan.py`     what trains, from the config (and `inspect`'s estimate)
+- `adapt.py`    apply it: freeze / LoRA / full
+- `optim.py`    part-wise optimizer groups (mixin)
+- `guard.py`    non-finite guard and step hooks (mixin; ranks agree)
+- `trainer.py`  `VlmTrainer` = transformers' Trainer + the mixins; `compose()` for others
+- `args.py`     our config -> `TrainingArguments` (or a TRL config)
+- `precision.py` dtype rules and the dtype check on resume
+- `rundir.py`   the run directory's layout and how it is written (rank 0)
+- `outputs.py`  loss curves, peak memory, `lora_adapter/` and `final/`
+- `checkpoints.py` which checkpoint is complete
+- `sft.py`      the supervised fine-tuning recipe
+"""

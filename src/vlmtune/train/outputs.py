@@ -1,0 +1,89 @@
+"""What a finished run leaves: the loss curves for `metrics.json`, peak memory, and the
+weights (`lora_adapter/`, `final/`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from .. import dist
+from ..models.loading import LoadedModel, merge_adapter_full_precision
+from .rundir import RunDir, save_dirs_atomically
+
+
+def loss_history(log_history: list[dict]) -> dict[str, Any]:
+    """Loss curves from `trainer.state.log_history`.
+
+    After a resume that history is the checkpoint's `trainer_state.json` history (everything
+    logged up to the checkpoint's step, which `guard.StepHooks` logs) followed by this call's
+    entries, so it is complete and has no duplicates: whatever was logged after the
+    checkpoint and before a kill was recomputed, identically, by the resumed run.
+    `train_summary` is the Trainer's summary of *this call* only (runtime, mean loss of the
+    steps it ran).
+    """
+    train = [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate"), "epoch": h.get("epoch")} for h in log_history if "loss" in h]
+    evals = [{"step": h["step"], "eval_loss": h["eval_loss"], "epoch": h.get("epoch")} for h in log_history if "eval_loss" in h]
+    summary = next((h for h in reversed(log_history) if "train_runtime" in h), {})
+    skipped = [{"step": h["nan_skipped_step"], "reason": h.get("reason"), "samples": h.get("samples", [])} for h in log_history if "nan_skipped_step" in h]
+    return {"train_loss_history": train, "eval_loss_history": evals, "train_summary": summary,
+            "skipped_nan_batches": {"count": len(skipped), "steps": [b["step"] for b in skipped], "batches": skipped}}
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on a CPU."""
+    if torch.cuda.is_available():
+        return {"bytes": int(torch.cuda.max_memory_allocated()), "kind": "cuda_max_allocated"}
+    import resource
+
+    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "kind": "cpu_max_rss"}
+
+
+def save_outputs(model: torch.nn.Module, lm: LoadedModel, run_dir: Union[RunDir, str, os.PathLike],
+                 rebuild: Optional[Callable[[], torch.nn.Module]] = None) -> Optional[torch.nn.Module]:
+    """`lora_adapter/` (plain-peft loadable) and `final/` (merged, plain-transformers loadable),
+    written by rank 0 while the other ranks wait.
+
+    Returns the merged model on rank 0 (for evaluation), None on the other ranks. An
+    FSDP-sharded `model` is first gathered (every rank joins) into an unsharded copy on
+    rank 0 that `rebuild()` makes: the model as it was before sharding, same names.
+    """
+    from .fsdp import full_state_dict, is_sharded
+
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
+    if is_sharded(model):
+        if rebuild is None:
+            raise ValueError("save_outputs: a sharded model needs rebuild()")
+        sd = full_state_dict(model)
+        model = None
+        if dist.is_main():
+            model = rebuild()
+            model.load_state_dict(sd)
+    merged = _write_outputs(model, lm, rd) if dist.is_main() else None
+    dist.barrier()
+    return merged
+
+
+def _write_outputs(model: torch.nn.Module, lm: LoadedModel, rd: RunDir) -> torch.nn.Module:
+    from peft import PeftModel
+
+    outputs = []
+    merged = model
+    if isinstance(model, PeftModel):
+        def save_adapter(tmp: Path) -> None:
+            nonlocal merged
+            model.save_pretrained(tmp)
+            lm.processor.save_pretrained(tmp)
+            # QLoRA: merging into 4/8-bit weights would round the trained delta away; final/ is
+            # the adapter on the full-precision base (what plain peft gives from lora_adapter/)
+            merged = merge_adapter_full_precision(lm, tmp) if lm.quant_bits else model.merge_and_unload()
+        outputs.append((rd.lora_adapter, save_adapter))
+
+    def save_final(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        lm.processor.save_pretrained(tmp)
+    outputs.append((rd.final, save_final))
+    save_dirs_atomically(outputs)  # both written, then both swapped in
+    return merged
