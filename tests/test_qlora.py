@@ -251,3 +251,14 @@ def test_qlora_impossible_plans_refused_by_the_cli(shapes_dir, tmp_path, capsys,
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
     assert len(err) == 1 and "load_in_4bit" in err[0] and says in err[0], err
     assert not (tmp_path / "out" / RUN).exists()
+
+
+@pytest.mark.parametrize("weights", ["final", "adapter"])
+def test_evaluating_a_qlora_run_uses_full_precision_weights(qlora_run, weights):
+    """`vlmtune evaluate --run` on a QLoRA run: final/ is full precision, and the adapter goes
+    onto the full-precision base (merged into 4-bit weights its training would round away)."""
+    from vlmtune.eval.standalone import load_run
+
+    _, run = qlora_run
+    em = load_run(run, weights)
+    assert not any(isinstance(m, QUANTIZED) for m in em.model.modules())

@@ -89,7 +89,9 @@ def load_run(run_dir: Path, weights: str = "auto") -> EvalModel:
     from ..models.loading import load_model
 
     cfg = read_run_config(run_dir)
-    mcfg = cfg.models[0]
+    # A QLoRA run trained on a 4/8-bit base, but its final/ is full precision and its adapter
+    # belongs on the full-precision base: merging into quantized weights would round it away.
+    mcfg = dataclasses.replace(cfg.models[0], load_in_4bit=False, load_in_8bit=False)
     final, adapter = RunDir(run_dir).final, RunDir(run_dir).lora_adapter
     use_final = weights == "final" or (weights == "auto" and (final / "config.json").is_file())
     if use_final:
