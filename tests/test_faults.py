@@ -230,3 +230,19 @@ def test_every_row_of_docs_reliability_names_a_real_test():
         names = re.findall(r"(?:::)(test_\w+)`", row)
         assert names, f"no test named in: {row[:80]}"
         assert set(names) <= defined, set(names) - defined
+
+
+def test_a_full_finetune_resumes_from_its_checkpoint_weights(shapes_dir, tmp_path):
+    """Without LoRA the checkpoint is a whole model.safetensors in the hub's key layout, not the
+    runtime one: a resume must load it (transformers' Trainer loads it non-strictly, matches
+    no key, and would go on from the initial weights with only a warning)."""
+    t = {"training_mode": "projector", "lr_scheduler_type": "constant", "save_steps": 2, "logging_steps": 1, "seed": 5}
+    ref = write_config(tmp_path / "ref.yaml", shapes_dir, tmp_path / "ref", training={**t, "max_steps": 4}, evaluation={"enabled": False})
+    _ok(train(ref))
+    cfg = write_config(tmp_path / "c.yaml", shapes_dir, tmp_path / "out", training={**t, "max_steps": 2}, evaluation={"enabled": False})
+    _ok(train(cfg))
+    r = train(cfg, None, "--set", "training.max_steps=4")
+    _ok(r)
+    assert "resuming from" in r.stderr and "checkpoint-2" in r.stderr
+    assert not (tmp_path / "out" / RUN / "lora_adapter").exists()  # a plain model: no adapter
+    _same_as(tmp_path / "out" / RUN, tmp_path / "ref" / RUN)

@@ -310,6 +310,43 @@ class EvaluationConfig:
     metrics: Optional[list[str]] = _f(None, "Metric names (exact_match, exact_match_normalized, bleu4, rouge_l, meteor, cider, coco, vqa_accuracy, anls, relaxed_accuracy, cer, wer, token_stats); default exact_match, bleu4, meteor, rouge_l, cider, token_stats. Names are checked against the metric registry by `vlmtune check` and before a run starts.")
 
 
+BUILTIN_REWARDS = ("exact_match", "normalized_match", "contains", "format", "numeric", "iou", "length_penalty")
+
+
+@dataclass
+class RewardConfig:
+    """One reward of `grpo.rewards`: a built-in (`name`) or a user function (`function`)."""
+
+    name: Optional[Literal["exact_match", "normalized_match", "contains", "format", "numeric", "iou", "length_penalty"]] = _f(
+        None, "Built-in reward: exact_match, normalized_match (SQuAD normalisation), contains (the reference appears in the completion), format (the completion matches `pattern`), numeric (|number - reference| <= tolerance), iou (box IoU), length_penalty (minus the words past max_words, per max_words).")
+    function: Optional[str] = _f(None, "A user reward `module.path:function`, called with (completions, references, samples) and returning one float per completion.")
+    weight: float = _f(1.0, "This reward's weight in the total reward.")
+    pattern: Optional[str] = _f(None, "format: the regular expression the whole completion must match, e.g. '<think>.*</think><answer>.*</answer>'.")
+    tolerance: float = _f(0.0, "numeric: the largest absolute difference that still scores 1.", ge=0)
+    max_words: int = _f(20, "length_penalty: words allowed before the penalty starts.", ge=1)
+
+
+@dataclass
+class GrpoConfig:
+    """Seed 000's RL: GRPO on a VLM, with the same models, parts and LoRA settings as SFT."""
+
+    init_from: Optional[str] = _f(None, "An SFT run directory to start from (its final/ weights); default: the model's base weights.")
+    num_generations: int = _f(4, "Completions sampled per prompt (the group whose rewards are normalised together).", ge=2)
+    prompts_per_step: int = _f(2, "Prompts per device per optimizer micro-batch (each gives num_generations completions).", ge=1)
+    temperature: float = _f(1.0, "Sampling temperature.", gt=0)
+    top_p: float = _f(1.0, "Nucleus sampling p.", gt=0, le=1)
+    max_completion_length: int = _f(32, "Most new tokens per completion.", ge=1)
+    beta: float = _f(0.04, "KL coefficient; 0 builds no reference policy.", ge=0)
+    epsilon: float = _f(0.2, "Lower clipping range of the policy ratio.", gt=0)
+    epsilon_high: Optional[float] = _f(None, "Upper clipping range (DAPO's clip-higher); default epsilon.", gt=0)
+    num_iterations: int = _f(1, "Policy updates per generation batch (mu).", ge=1)
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = _f("grpo", "How token losses are averaged: grpo (per sequence), bnpo (per token of the batch), dr_grpo (by a constant), dapo (per token of the global batch).")
+    scale_rewards: Literal["group", "batch", "none"] = _f("group", "Divide advantages by the group's reward std (group), the batch's (batch), or not at all (none; Dr. GRPO).")
+    rewards: list[RewardConfig] = _f(help="Rewards and their weights, e.g. [{name: exact_match}, {function: my_pkg.rewards:brevity, weight: 0.1}].",
+                                     factory=lambda: [RewardConfig(name="exact_match")])
+    probe_samples: int = _f(8, "Validation prompts of the visual-reliance probe (reward with the image vs. with it blanked, every eval_steps); 0: off.", ge=0)
+
+
 @dataclass
 class Config:
     experiment_name: str = _f("vlmtune", "Experiment name.")
@@ -320,6 +357,7 @@ class Config:
     lora_variants: list[LoraConfig] = _f(help="LoRA variants; every model x every variant is run.", factory=list)
     training: TrainingConfig = _f(help="Trainer settings.", factory=TrainingConfig)
     evaluation: EvaluationConfig = _f(help="Evaluation after training.", factory=EvaluationConfig)
+    grpo: Optional[GrpoConfig] = _f(None, "Reinforcement learning (GRPO) instead of SFT: `vlmtune grpo CONFIG` (or `vlmtune run` with this section).")
     visual_encoder_settings: VisualEncoderSettings = _f(help="Seed 000 settings.", factory=VisualEncoderSettings)
     baseline: Optional[str] = _f(None, "Run compared against in ablation_summary.json: a variant name (per model) or a run name `<model>__<variant>`; default the first variant of each model.")
     # Where the YAML lives; relative data paths fall back to this folder. Not a YAML key.
@@ -370,9 +408,12 @@ class Config:
         else:
             data["image_fallback_dir"] = absolute(d.image_fallback_dir or os.curdir)
         models = [dataclasses.replace(m, hf_model_id=absolute(m.hf_model_id)) if is_local_model_path(m.hf_model_id) else m for m in self.models]
+        g = self.grpo
+        if g is not None and g.init_from:
+            g = dataclasses.replace(g, init_from=absolute(g.init_from))
         return dataclasses.replace(
             self, output_dir=os.path.abspath(self.resolved_output_dir()), data=dataclasses.replace(d, **data), models=models,
-            training=dataclasses.replace(t, deepspeed=absolute(t.deepspeed)) if t.deepspeed else t)
+            training=dataclasses.replace(t, deepspeed=absolute(t.deepspeed)) if t.deepspeed else t, grpo=g)
 
     def for_variant(self, variant: LoraConfig, src: str = "config") -> "Config":
         """This config with the variant's `training:` overrides applied (and validated)."""
@@ -410,6 +451,9 @@ def _coerce(value: Any, tp: Any, path: str, src: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # Optional[X]: X's own error says what is wrong inside it
+            return _coerce(value, members[0], path, src)
         for a in args:
             if a is type(None):
                 continue
@@ -589,7 +633,31 @@ def validate(cfg: Config, src: str = "config", variants: bool = True) -> Config:
     # train vision contradicts the freeze.
     if ve.freeze_visual_encoder and (t.training_mode == "vision" or (vision_override and vision_override.train not in (None, "frozen"))):
         raise UserError(f"{src}: visual_encoder_settings.freeze_visual_encoder", "true, but the config also asks the vision encoder to train", "set freeze_visual_encoder: false, or training_mode: llm")
+    if cfg.grpo is not None:
+        _validate_rewards(cfg.grpo.rewards, src)
     return cfg
+
+
+def _validate_rewards(rewards: list[RewardConfig], src: str) -> None:
+    """Each reward names exactly one built-in or one `module.path:function`; what a built-in
+    needs is there."""
+    import re
+
+    if not rewards:
+        raise UserError(f"{src}: grpo.rewards", "no reward", "add at least one, e.g. [{name: exact_match}]")
+    for i, r in enumerate(rewards):
+        where = f"{src}: grpo.rewards[{i}]"
+        if (r.name is None) == (r.function is None):
+            raise UserError(where, "give exactly one of name (a built-in) or function (module.path:function)", f"built-ins: {', '.join(BUILTIN_REWARDS)}")
+        if r.function is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", r.function):
+            raise UserError(f"{where}.function", f"{r.function!r} is not module.path:function", "e.g. my_pkg.rewards:brevity")
+        if r.name == "format":
+            if not r.pattern:
+                raise UserError(f"{where}.pattern", "the format reward needs a pattern", "e.g. pattern: '<answer>.*</answer>'")
+            try:
+                re.compile(r.pattern)
+            except re.error as e:
+                raise UserError(f"{where}.pattern", f"not a regular expression ({e})", "fix the pattern") from None
 
 
 def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None, sets: Optional[list[str]] = None) -> Config:

@@ -10,5 +10,10 @@
 - `rundir.py`   the run directory's layout and how it is written (rank 0)
 - `outputs.py`  loss curves, peak memory, `lora_adapter/` and `final/`
 - `checkpoints.py` which checkpoint is complete
+- `checkpointing.py` Trainer checkpoints that resume what was saved, FSDP2-sharded or not (mixin)
+- `fsdp.py`     FSDP2 sharding
+- `preempt.py`  SIGTERM / Ctrl-C: checkpoint, then stop (mixin)
+- `loss.py`     the SFT loss: mean over every supervised token of a step (mixin)
+- `stages.py`   staged training
 - `sft.py`      the supervised fine-tuning recipe
 """

@@ -13,15 +13,14 @@ that CI can prove on CPU and that a GPU runs the same way. So:
 - Parameter names survive `fully_shard`, so the part-wise optimizer groups are built as
   without FSDP, with every part's learning rate (FSDP1's `use_orig_params: false` would
   flatten them away: not used).
-- `ShardedCheckpointMixin` makes the Trainer's checkpoints full (unsharded) files that
-  rank 0 writes after every rank joined the gather: `checkpoint-N/` and `final/` load with
-  plain transformers/peft, and a resume scatters them back into the shards.
+- `checkpointing.CheckpointMixin` makes the Trainer's checkpoints full (unsharded) files
+  that rank 0 writes after every rank joined the gather: `checkpoint-N/` and `final/` load
+  with plain transformers/peft, and a resume scatters them back into the shards.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from itertools import chain
 from typing import Any, Optional
 
@@ -148,75 +147,3 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-class ShardedCheckpointMixin:
-    """Trainer checkpoints of an FSDP2 model: full tensors gathered by every rank, written by
-    rank 0 in the usual files (`model.safetensors` / `adapter_model.safetensors`,
-    `optimizer.pt`, `scheduler.pt`), and scattered back on resume. A model that is not
-    sharded takes the Trainer's own paths."""
-
-    def _sharded(self) -> bool:
-        return is_sharded(self.model)
-
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
-        if not self._sharded():
-            return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
-        sd = full_state_dict(self.model)
-        if self.args.should_save:
-            self._save(output_dir, state_dict=sd)
-        dist.barrier()
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not self._sharded():
-            return super()._save_optimizer_and_scheduler(output_dir)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's optimizer
-        osd = get_optimizer_state_dict(self.model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.args.should_save:
-            torch.save(osd, os.path.join(output_dir, "optimizer.pt"))
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
-        dist.barrier()
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
-        if not self._sharded():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
-        names = list(get_model_state_dict(self.model).keys())
-        adapter = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
-        if os.path.isfile(adapter):
-            from safetensors.torch import load_file
-
-            saved = load_file(adapter)
-            # peft saves `...lora_A.default.weight` as `...lora_A.weight` and a fully trained
-            # module's copy `...merger.modules_to_save.default.mlp.0.weight` as `...merger.mlp.0.weight`
-            want = {n.replace(".modules_to_save.default", "").replace(".default", ""): n
-                    for n in names if ".modules_to_save.default" in n or ".lora_" in n}
-            sd = {want.get(k, k): v for k, v in saved.items()}
-        else:
-            # save_pretrained writes the hub key layout, not the runtime one: from_pretrained maps it
-            from transformers import AutoModelForImageTextToText
-
-            dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
-            sd = AutoModelForImageTextToText.from_pretrained(resume_from_checkpoint, dtype=dtype).state_dict()
-        n_saved = len(sd)
-        res = set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
-        missing = [k for k in res.missing_keys if not os.path.isfile(adapter) or ".lora_" in k or "modules_to_save" in k]
-        if missing or res.unexpected_keys:
-            raise UserError(resume_from_checkpoint, f"does not fit this model ({len(missing)} missing, {len(res.unexpected_keys)} unexpected of {n_saved} tensors)",
-                            "resume with the settings the run started with, or set training.resume: never")
-
-    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
-        if checkpoint is None or not self._sharded():
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        opt = getattr(self.optimizer, "optimizer", self.optimizer)
-        # optimizer.pt is our own full state dict, written by this mixin (safe to unpickle tensors + ints)
-        optim_file, sched_file = os.path.join(checkpoint, "optimizer.pt"), os.path.join(checkpoint, "scheduler.pt")
-        osd = torch.load(optim_file, weights_only=True)
-        set_optimizer_state_dict(self.model, opt, osd, options=StateDictOptions(full_state_dict=True))
-        self.lr_scheduler.load_state_dict(torch.load(sched_file, weights_only=True))

@@ -3,7 +3,8 @@
 Each addition lives in its own file as a mixin that any `transformers.Trainer` subclass can
 compose (TRL's trainers included): part-wise optimizer groups (`optim.py`), the
 non-finite guard with its step hooks (`guard.py`), a clean stop on SIGTERM / Ctrl-C
-(`preempt.py`) and full checkpoints of an FSDP2-sharded model (`fsdp.py`). `compose(base)`
+(`preempt.py`) and checkpoints that resume what was saved, FSDP2-sharded or not
+(`checkpointing.py`). `compose(base)`
 builds such a class.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from transformers import Trainer
 
-from .fsdp import ShardedCheckpointMixin
+from .checkpointing import CheckpointMixin
 from .guard import NonFiniteGuardMixin
 from .loss import TokenMeanLossMixin
 from .optim import PartwiseOptimizerMixin
@@ -24,7 +25,7 @@ def compose(base: type) -> type:
     Constructor keywords added: `part_map`, `part_plan` (optimizer groups), `nan_policy`,
     `sample_ids`, `run_label` (the guard).
     """
-    return type(f"Vlm{base.__name__}", (PartwiseOptimizerMixin, NonFiniteGuardMixin, PreemptionMixin, ShardedCheckpointMixin, base), {"__module__": __name__})
+    return type(f"Vlm{base.__name__}", (PartwiseOptimizerMixin, NonFiniteGuardMixin, PreemptionMixin, CheckpointMixin, base), {"__module__": __name__})
 
 
 class VlmTrainer(TokenMeanLossMixin, compose(Trainer)):
