@@ -2,6 +2,7 @@
 
     vlmtune demo [--output-dir DIR]
     vlmtune train CONFIG.yaml [--model NAME] [--variant NAME] [--set key.path=value ...]
+    vlmtune grpo CONFIG.yaml [--model NAME] [--variant NAME] [--set key.path=value ...]   (GRPO; a grpo: section)
     vlmtune run CONFIG.yaml [--only NAME] [--dry-run]       (train + evaluate + summary + report.html)
     vlmtune report OUTPUT_DIR
     vlmtune train --dataset data.jsonl --model-id ID [--mode llm|vision|both|projector]
@@ -90,6 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = quick_config(args)
     else:
         raise UserError("train", "nothing to train", "pass a CONFIG.yaml or --dataset data.jsonl --model-id ID")
+    if getattr(args, "grpo", False) and cfg.grpo is None:
+        raise UserError(args.config or "grpo", "the config has no grpo: section", "add one, e.g. grpo: {rewards: [{name: exact_match}]} (see docs/grpo.md)")
     results = run_grid(cfg, args.model, args.variant)
     from . import dist
 
@@ -349,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", help="override output_dir")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. training.max_steps=10")
     t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("grpo", help="reinforcement learning (GRPO) on every model x LoRA variant of a config with a grpo: section")
+    g.add_argument("config", help="config YAML with a grpo: section")
+    g.add_argument("--model", help="only this model (by name)")
+    g.add_argument("--variant", help="only this LoRA variant (by name)")
+    g.add_argument("--output-dir", help="override output_dir")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. grpo.beta=0")
+    g.set_defaults(func=cmd_train, grpo=True, dataset=None)
 
     r = sub.add_parser("run", help="train + evaluate every model x LoRA variant, resumably; summary and report.html")
     r.add_argument("config", nargs="?", help="config YAML")

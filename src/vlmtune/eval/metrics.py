@@ -26,15 +26,14 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
-import re
 import statistics
-import string
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from ..errors import UserError
+from ..text import squad_normalize
 from .bootstrap import Bootstrap, mean_aggregate
 
 log = logging.getLogger("vlmtune")
@@ -71,18 +70,6 @@ class Inputs:
 
 # --------------------------------------------------------------------------------------
 # Exact match
-
-
-def squad_normalize(text: str) -> str:
-    """SQuAD v1.1 evaluate script's `normalize_answer`: lower, drop punctuation and
-    articles (a, an, the), squash whitespace."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCT)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-_PUNCT = set(string.punctuation)
 
 
 def _exact_match(inp: Inputs) -> dict[str, Any]:

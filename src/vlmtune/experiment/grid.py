@@ -30,6 +30,7 @@ from ..data.sources import Sample
 from ..errors import UserError
 from ..eval.generate import GenerationSettings, describe_weights, evaluate_samples
 from ..train.rundir import RunDir, resolved_run_config, run_name
+from ..train.grpo import grpo_run
 from ..train.stages import describe_stages, preflight, train_staged
 
 log = logging.getLogger("vlmtune")
@@ -132,7 +133,8 @@ def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[st
         return summary
     preflight(run_cfg, m, v, f"models[{i}]")
     # data.on_bad_sample: skip -- the run's metrics say how much data it did not see
-    res = train_staged(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]", callbacks=callbacks,
+    recipe = grpo_run if run_cfg.grpo is not None else train_staged  # a grpo: section makes every run RL
+    res = recipe(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]", callbacks=callbacks,
                     extra_metrics={"skipped_bad_samples": bad} if bad else None)
     summary.update(status="complete", reused=False, metrics=res["metrics"])
     if wants_eval:

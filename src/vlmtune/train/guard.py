@@ -28,7 +28,7 @@ from .. import dist
 from ..errors import UserError
 from ..io import fsync_dir, fsync_tree
 from .checkpoints import last_good_checkpoint
-from .samples import SAMPLE_INDEX_KEY
+from .samples import SAMPLE_ID_COLUMN, SAMPLE_INDEX_KEY
 
 log = logging.getLogger("vlmtune")
 
@@ -138,9 +138,19 @@ class NonFiniteGuardMixin:
         idx = index.tolist()
         return [self._sample_ids[i] for i in idx] if self._sample_ids is not None else [f"#{i}" for i in idx]
 
+    def _batch_ids(self, inputs: Any) -> list[str]:
+        """Sample ids of a training batch. SFT: a dict whose `SAMPLE_INDEX_KEY` is popped
+        before the model sees it. TRL's GRPO: a list of dataset rows (each prompt repeated
+        per generation), named by their `sample_id` column."""
+        if isinstance(inputs, dict):
+            return self._ids(inputs.pop(SAMPLE_INDEX_KEY, None))
+        if isinstance(inputs, (list, tuple)):
+            return list(dict.fromkeys(str(r[SAMPLE_ID_COLUMN]) for r in inputs if isinstance(r, dict) and SAMPLE_ID_COLUMN in r))
+        return []
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        ids = self._ids(inputs.pop(SAMPLE_INDEX_KEY, None))
-        self._step_samples.extend(ids)
+        ids = self._batch_ids(inputs)
+        self._step_samples.extend(i for i in ids if i not in self._step_samples)
         loss = super().training_step(model, inputs, num_items_in_batch)
         # One host sync per micro-batch; the Trainer's own NaN/inf logging filter already
         # makes the same one, so this costs no extra stall.

@@ -11,6 +11,10 @@ SAMPLE_INDEX_KEY = "vlmtune_sample_index"
 model sees the batch)."""
 
 
+SAMPLE_ID_COLUMN = "sample_id"
+"""Column of row-list datasets (TRL's GRPO) that names each row's sample (`Sample.id`)."""
+
+
 class IndexedDataset(torch.utils.data.Dataset):
     """`dataset[i]` plus its own index `i`.
 

@@ -1,0 +1,157 @@
+"""GRPO on a VLM (seed 000), top to bottom, with the same models, parts, LoRA settings and
+run directory as SFT:
+
+    1. the policy: the base model, or an SFT run's merged final/ (`grpo.init_from`), with
+       the plan applied (frozen / LoRA / full per part, LR multipliers)
+    2. the prompts: every sample's conversation up to its last answer, with its images;
+       the answer is the reference the rewards see
+    3. the rewards (built-ins and `module.path:function`, weighted)
+    4. the run directory (only now)
+    5. TRL's GRPOTrainer with our mixins: part-wise LR groups, the non-finite guard, SIGTERM,
+       checkpoints, and the reference policy (adapter disabled under LoRA, a frozen copy
+       under full training, checked before the first step)
+    6. lora_adapter/, final/, then metrics.json (losses, rewards, KL) last
+
+The objective is written out in docs/grpo.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Optional
+
+from .. import dist
+from ..config import Config, LoraConfig, ModelConfig
+from ..data.images import load_image
+from ..data.sources import Sample, message_text
+from ..errors import UserError
+from .args import training_arguments
+from .outputs import loss_history, peak_memory, save_outputs
+from .plan import describe_plan, format_report, parameter_report
+from .precision import check_resume_dtype
+from .reference import ReferencePolicyMixin
+from .rewards import build_rewards
+from .rundir import RunDir, resolved_run_config, run_name
+from .samples import SAMPLE_ID_COLUMN
+from .sft import prepare_model, preflight
+from .trainer import compose
+
+log = logging.getLogger("vlmtune")
+
+# What TRL logs per step that metrics.json keeps (besides the loss).
+GRPO_LOG_KEYS = ("reward", "reward_std", "kl", "entropy", "clip_ratio/region_mean", "completions/mean_length", "frac_reward_zero_std")
+
+
+def grpo_dataset(samples: list[Sample]):
+    """TRL rows: `prompt` (the conversation before the last answer, text parts; TRL puts each
+    image part back where the processor expects it), `images` (PIL), `response` (the
+    reference) and `sample_id`."""
+    from datasets import Dataset
+
+    rows = []
+    for s in samples:
+        prompt = [{"role": m["role"], "content": message_text(m)} for m in s.prompt_messages()]
+        rows.append({"prompt": prompt, "images": [load_image(p, s.id, s.image_policy) for p in s.images],
+                     "response": s.response, SAMPLE_ID_COLUMN: s.id})
+    return Dataset.from_list(rows)
+
+
+def _grpo_trainer_cls() -> type:
+    from trl import GRPOTrainer
+
+    return type("VlmGRPOTrainer", (ReferencePolicyMixin, compose(GRPOTrainer)), {"__module__": __name__})
+
+
+def policy_source(cfg: Config, mcfg: ModelConfig) -> ModelConfig:
+    """The model GRPO starts from: `grpo.init_from`'s merged final/, or the configured model."""
+    g = cfg.grpo
+    if not g or not g.init_from:
+        return mcfg
+    src = RunDir(g.init_from)
+    if not src.has_model():
+        raise UserError("grpo.init_from", f"{g.init_from} holds no finished run (no final/)", "point at an SFT run directory that finished training")
+    return dataclasses.replace(mcfg, hf_model_id=str(src.final.resolve()))
+
+
+def grpo_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples: list[Sample], val_samples: Optional[list[Sample]],
+             where: str = "model", callbacks: Optional[list[Any]] = None, extra_metrics: Optional[dict[str, Any]] = None,
+             run_dir: Optional[RunDir] = None) -> dict[str, Any]:
+    """Train one `<model>__<variant>` run with GRPO; same arguments and result as `sft.train_run`."""
+    from transformers import set_seed
+    from trl import GRPOConfig
+
+    dist.init()
+    g = cfg.grpo
+    name = run_name(mcfg, variant)
+    rd = run_dir or RunDir(cfg.resolved_output_dir() / name)
+    preflight(cfg, mcfg, where)
+
+    # 1. The policy.
+    set_seed(cfg.training.seed)
+    lm, model, plan = prepare_model(cfg, policy_source(cfg, mcfg), variant, where)
+    report = parameter_report(model, lm.parts)
+    report.update({"model": mcfg.hf_model_id, "init_from": g.init_from, "family": lm.family_name,
+                   "plan": {p: dataclasses.asdict(v) for p, v in plan.items()}})
+    if dist.is_main():
+        log.info("run %s (GRPO): %s\n%s", name, describe_plan(plan), format_report(report))
+
+    # 2-3. Prompts and rewards.
+    dataset = grpo_dataset(train_samples)
+    rewards, weights = build_rewards(g.rewards, train_samples)
+
+    # 4. The run directory.
+    rd.prepare()
+    rd.write_yaml(rd.config, resolved_run_config(cfg, mcfg, variant))
+    rd.write_json(rd.parameter_report, report)
+
+    # 5. Train.
+    args = training_arguments(
+        cfg, rd.checkpoints, name, has_eval=False, args_cls=GRPOConfig,
+        per_device_train_batch_size=g.prompts_per_step * g.num_generations,  # TRL counts completions
+        num_generations=g.num_generations, max_completion_length=g.max_completion_length, temperature=g.temperature,
+        top_p=g.top_p, beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high or g.epsilon, num_iterations=g.num_iterations,
+        loss_type=g.loss_type, scale_rewards=g.scale_rewards, reward_weights=weights,
+        include_num_input_tokens_seen="no",  # batches are row lists; TRL logs its own token counts
+    )
+    trainer = _grpo_trainer_cls()(
+        model=model, reward_funcs=rewards, args=args, train_dataset=dataset, processing_class=lm.processor,
+        part_map=lm.parts, part_plan=plan, nan_policy=cfg.training.nan_policy, run_label=f"run {name}",
+    )
+    for cb in callbacks or []:
+        trainer.add_callback(cb)
+    resume = rd.resume_checkpoint() if cfg.training.resume == "auto" else None
+    check_resume_dtype(resume, model, where)
+    if resume and dist.is_main():
+        log.info("run %s: resuming from %s", name, resume)
+    t0 = time.time()
+    with rd.disk_errors(f"run {name}", "a checkpoint"):
+        trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.time() - t0
+
+    # 6. Outputs, metrics.json last.
+    hist = loss_history(trainer.state.log_history)
+    grpo_hist = [{"step": h["step"], **{k: h[k] for k in h if k in GRPO_LOG_KEYS or k.startswith("rewards/")}}
+                 for h in trainer.state.log_history if "reward" in h]
+    metrics = {
+        **hist,
+        "grpo_history": grpo_hist,
+        "final_train_loss": hist["train_loss_history"][-1]["loss"] if hist["train_loss_history"] else None,
+        "final_eval_loss": None,
+        "global_step": trainer.state.global_step,
+        "train_seconds": train_seconds,
+        "resumed_from": resume,
+        "tokens_seen": 0,
+        "peak_memory": peak_memory(),
+        "world_size": dist.world_size(),
+        "n_train_samples": len(train_samples),
+        "method": "grpo",
+        **(extra_metrics or {}),
+    }
+    with rd.disk_errors(f"run {name}", "lora_adapter/, final/ and metrics.json"):
+        merged = save_outputs(model, lm, rd, rebuild=lambda: prepare_model(cfg, policy_source(cfg, mcfg), variant, where)[1])
+        rd.write_json(rd.metrics, metrics)
+    from ..data.collate import Encoder
+
+    return {"run": name, "run_dir": str(rd), "model": merged, "loaded": lm, "encoder": Encoder(lm.processor, lm.family), "metrics": metrics}
