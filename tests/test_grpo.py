@@ -123,20 +123,29 @@ def test_startup_lines_beta_zero_and_a_user_reward_by_path(shapes_dir, tmp_path)
         "        f.write(json.dumps({'completions': completions, 'references': references, 'ids': [s.id for s in samples],\n"
         "                            'responses': [s.response for s in samples]}) + '\\n')\n"
         "    return [-len(c) / 10 for c in completions]\n")
-    cfg = _config(tmp_path, shapes_dir, {"rewards": [{"function": "my_rewards:brevity", "weight": 0.5}, {"name": "exact_match"}]})
+    cfg = _config(tmp_path, shapes_dir, {"rewards": [{"function": "my_rewards:brevity", "weight": 0.5}, {"name": "exact_match"}], "probe_samples": 2},
+                  {"eval_steps": 1})
     r = _cli(cfg, env={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if line.startswith("INFO: ")]
     assert lines[:3] == ["INFO: VLM Policy parameters: 394,304", "INFO: Reference policy parameters: 377,920 (adapter-disabled)",
                          "INFO: Reference policy properly frozen"], lines
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(calls) == 2  # one generation batch per step
+    # one generation batch per step, and the visual-reliance probe (2 samples, with and without
+    # their images) after each step
+    probe_calls = [c for c in calls if len(c["completions"]) == 2]
+    calls = [c for c in calls if len(c["completions"]) != 2]
+    assert len(calls) == 2 and len(probe_calls) == 4
     for c in calls:
         assert len(c["completions"]) == len(c["references"]) == len(c["ids"]) == 4  # one prompt x 4 generations
         assert all(isinstance(x, str) for x in c["completions"]) and len(set(c["ids"])) == 1
         assert c["references"] == c["responses"] and c["ids"][0].startswith("train.csv:")
     m = json.loads((tmp_path / "out" / RUN / "metrics.json").read_text())
     assert [h["step"] for h in m["grpo_history"]] == [1, 2] and "rewards/brevity/mean" in m["grpo_history"][0]
+    vr = m["visual_reliance_history"]
+    assert [h["step"] for h in vr] == [1, 2]
+    for h in vr:  # the gap is the reward with the real images minus the reward with them blanked
+        assert abs(h["visual_reliance/gap"] - (h["visual_reliance/reward_with_image"] - h["visual_reliance/reward_blank_image"])) < 1e-9
     for rel in ("final/model.safetensors", "lora_adapter/adapter_model.safetensors", "config.yaml", "parameter_report.json"):
         assert (tmp_path / "out" / RUN / rel).is_file(), rel
     # beta 0: no reference at all
@@ -236,3 +245,19 @@ def test_grpo_raises_held_out_exact_match_on_the_demo_task(tmp_path):
     first, last = sum(rewards[:fifth]) / fifth, sum(rewards[-fifth:]) / fifth
     assert after > before, (before, after)
     assert last > first, (first, last)
+
+
+def test_the_probe_blanks_every_image_at_its_size(shapes_dir, tmp_path):
+    from PIL import Image
+
+    from vlmtune.data.sources import Sample
+    from vlmtune.eval.probe import _blanked
+
+    imgs = sorted(str(p) for p in (shapes_dir / "images").glob("*.png"))[:2]
+    s = Sample("a:1", [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "q"}]},
+                       {"role": "assistant", "content": [{"type": "text", "text": "red"}]}], imgs)
+    (b,) = _blanked([s], tmp_path)
+    assert len(b.images) == 2 and b.messages == s.messages and b.id == s.id
+    for orig, blank in zip(imgs, b.images):
+        im = Image.open(blank)
+        assert im.size == Image.open(orig).size and im.getextrema() == ((0, 0), (0, 0), (0, 0))

@@ -344,7 +344,7 @@ class GrpoConfig:
     scale_rewards: Literal["group", "batch", "none"] = _f("group", "Divide advantages by the group's reward std (group), the batch's (batch), or not at all (none; Dr. GRPO).")
     rewards: list[RewardConfig] = _f(help="Rewards and their weights, e.g. [{name: exact_match}, {function: my_pkg.rewards:brevity, weight: 0.1}].",
                                      factory=lambda: [RewardConfig(name="exact_match")])
-    probe_samples: int = _f(8, "Validation prompts of the visual-reliance probe (reward with the image vs. with it blanked, every eval_steps); 0: off.", ge=0)
+    probe_samples: int = _f(8, "Validation prompts (else training prompts) of the visual-reliance probe: the greedy reward with the real images vs. with them blanked, logged every training.eval_steps (default 50) and at the last step as visual_reliance/*; 0: off.", ge=0)
 
 
 @dataclass

@@ -16,6 +16,7 @@ first error.
 
 from __future__ import annotations
 
+import functools
 import logging
 import traceback
 from pathlib import Path
@@ -133,7 +134,12 @@ def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[st
         return summary
     preflight(run_cfg, m, v, f"models[{i}]")
     # data.on_bad_sample: skip -- the run's metrics say how much data it did not see
-    recipe = grpo_run if run_cfg.grpo is not None else train_staged  # a grpo: section makes every run RL
+    if run_cfg.grpo is not None:  # a grpo: section makes every run RL
+        from ..eval.probe import visual_reliance_probe
+
+        recipe = functools.partial(grpo_run, probe_factory=visual_reliance_probe)
+    else:
+        recipe = train_staged
     res = recipe(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]", callbacks=callbacks,
                     extra_metrics={"skipped_bad_samples": bad} if bad else None)
     summary.update(status="complete", reused=False, metrics=res["metrics"])

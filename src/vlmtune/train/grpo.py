@@ -20,10 +20,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .. import dist
 from ..config import Config, LoraConfig, ModelConfig
+from ..data.collate import Encoder
 from ..data.images import load_image
 from ..data.sources import Sample, message_text
 from ..errors import UserError
@@ -58,10 +59,43 @@ def grpo_dataset(samples: list[Sample]):
     return Dataset.from_list(rows)
 
 
+class VisualRelianceMixin:
+    """Every `every` steps (and at the last) the probe runs on the policy, and its values join
+    that step's log (console, report_to loggers, log_history -> metrics.json). They ride on
+    the step's own log: a log call of their own would take TRL's reward metrics with it."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._probe: Optional[Callable[[Any], dict[str, float]]] = None
+        self._probe_every = 1
+        self._probe_values: dict[str, float] = {}
+        super().__init__(*args, **kwargs)
+        from transformers import TrainerCallback
+
+        trainer = self
+
+        class RunProbe(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if trainer._probe is not None and (state.global_step % trainer._probe_every == 0 or state.global_step >= state.max_steps):
+                    trainer._probe_values = trainer._probe(trainer.accelerator.unwrap_model(trainer.model))
+                    control.should_log = True
+                return control
+
+        self.add_callback(RunProbe())
+
+    def set_probe(self, probe: Callable[[Any], dict[str, float]], every: int) -> None:
+        self._probe, self._probe_every = probe, max(every, 1)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._probe_values and "loss" in logs:
+            logs = {**logs, **self._probe_values}
+            self._probe_values = {}
+        super().log(logs, *args, **kwargs)
+
+
 def _grpo_trainer_cls() -> type:
     from trl import GRPOTrainer
 
-    return type("VlmGRPOTrainer", (ReferencePolicyMixin, compose(GRPOTrainer)), {"__module__": __name__})
+    return type("VlmGRPOTrainer", (VisualRelianceMixin, ReferencePolicyMixin, compose(GRPOTrainer)), {"__module__": __name__})
 
 
 def policy_source(cfg: Config, mcfg: ModelConfig) -> ModelConfig:
@@ -77,8 +111,13 @@ def policy_source(cfg: Config, mcfg: ModelConfig) -> ModelConfig:
 
 def grpo_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples: list[Sample], val_samples: Optional[list[Sample]],
              where: str = "model", callbacks: Optional[list[Any]] = None, extra_metrics: Optional[dict[str, Any]] = None,
-             run_dir: Optional[RunDir] = None) -> dict[str, Any]:
-    """Train one `<model>__<variant>` run with GRPO; same arguments and result as `sft.train_run`."""
+             run_dir: Optional[RunDir] = None, probe_factory: Optional[Callable[..., Callable[[Any], dict[str, float]]]] = None) -> dict[str, Any]:
+    """Train one `<model>__<variant>` run with GRPO; same arguments and result as `sft.train_run`.
+
+    `probe_factory(encoder, samples, rewards, weights, max_new_tokens)` makes the visual
+    reliance probe (eval.probe.visual_reliance_probe, passed in by the caller: train/ does not
+    import eval/); it runs on `grpo.probe_samples` samples every `training.eval_steps` (default 50) and at the
+    last step."""
     from transformers import set_seed
     from trl import GRPOConfig
 
@@ -121,6 +160,11 @@ def grpo_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples:
     )
     for cb in callbacks or []:
         trainer.add_callback(cb)
+    # every rank probes (cheap): a log step is a collective, so all ranks must log together
+    if probe_factory is not None and g.probe_samples > 0:
+        probe_set = (val_samples or train_samples)[: g.probe_samples]
+        probe = probe_factory(Encoder(lm.processor, lm.family), probe_set, rewards, weights, g.max_completion_length)
+        trainer.set_probe(probe, cfg.training.eval_steps or 50)
     resume = rd.resume_checkpoint() if cfg.training.resume == "auto" else None
     check_resume_dtype(resume, model, where)
     if resume and dist.is_main():
@@ -134,9 +178,12 @@ def grpo_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples:
     hist = loss_history(trainer.state.log_history)
     grpo_hist = [{"step": h["step"], **{k: h[k] for k in h if k in GRPO_LOG_KEYS or k.startswith("rewards/")}}
                  for h in trainer.state.log_history if "reward" in h]
+    reliance = [{"step": h["step"], **{k: v for k, v in h.items() if k.startswith("visual_reliance/")}}
+                for h in trainer.state.log_history if "visual_reliance/gap" in h]
     metrics = {
         **hist,
         "grpo_history": grpo_hist,
+        "visual_reliance_history": reliance,
         "final_train_loss": hist["train_loss_history"][-1]["loss"] if hist["train_loss_history"] else None,
         "final_eval_loss": None,
         "global_step": trainer.state.global_step,
@@ -152,6 +199,4 @@ def grpo_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples:
     with rd.disk_errors(f"run {name}", "lora_adapter/, final/ and metrics.json"):
         merged = save_outputs(model, lm, rd, rebuild=lambda: prepare_model(cfg, policy_source(cfg, mcfg), variant, where)[1])
         rd.write_json(rd.metrics, metrics)
-    from ..data.collate import Encoder
-
     return {"run": name, "run_dir": str(rd), "model": merged, "loaded": lm, "encoder": Encoder(lm.processor, lm.family), "metrics": metrics}
