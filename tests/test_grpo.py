@@ -245,6 +245,13 @@ def test_grpo_raises_held_out_exact_match_on_the_demo_task(tmp_path):
     first, last = sum(rewards[:fifth]) / fifth, sum(rewards[-fifth:]) / fifth
     assert after > before, (before, after)
     assert last > first, (first, last)
+    # evaluate --run --weights adapter: the adapter goes onto the SFT run's merged weights it
+    # was trained on (not the configured base model), giving exactly final/'s weights
+    from vlmtune.eval.standalone import load_run
+
+    via_adapter = dict(load_run(run, "adapter").model.named_parameters())
+    for n, p in load_run(run, "final").model.named_parameters():
+        assert torch.allclose(p, via_adapter[n], atol=1e-5), n
 
 
 def test_the_probe_blanks_every_image_at_its_size(shapes_dir, tmp_path):

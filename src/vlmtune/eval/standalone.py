@@ -102,6 +102,14 @@ def load_run(run_dir: Path, weights: str = "auto") -> EvalModel:
     else:
         if not adapter.is_dir():
             raise UserError("--run", f"{run_dir} has neither final/ nor lora_adapter/", "the run did not finish training; rerun `vlmtune train`")
+        # The adapter's own base: a staged run's last stage and a GRPO run with init_from trained
+        # theirs on an earlier run's merged final/, not on the configured model.
+        try:
+            base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None
+        if base and Path(base).is_dir():
+            mcfg = dataclasses.replace(mcfg, hf_model_id=base)
         lm = load_model(mcfg, cfg.visual_encoder_settings, "--run")
         model, desc = _with_adapter(lm.model, adapter, "--run"), describe_weights(adapter)
     return EvalModel(model.to(_device()), Encoder(lm.processor, lm.family), desc, cfg)
