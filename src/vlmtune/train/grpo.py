@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Any, Callable, Optional
 
 from .. import dist
@@ -31,12 +30,11 @@ from ..errors import UserError
 from .args import training_arguments
 from .outputs import loss_history, peak_memory, save_outputs
 from .plan import describe_plan, format_report, parameter_report
-from .precision import check_resume_dtype
 from .reference import ReferencePolicyMixin
 from .rewards import build_rewards
 from .rundir import RunDir, resolved_run_config, run_name
 from .samples import SAMPLE_ID_COLUMN
-from .sft import prepare_model, preflight
+from .sft import fit, prepare_model, preflight
 from .trainer import compose
 
 log = logging.getLogger("vlmtune")
@@ -165,14 +163,7 @@ def grpo_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples:
         probe_set = (val_samples or train_samples)[: g.probe_samples]
         probe = probe_factory(Encoder(lm.processor, lm.family), probe_set, rewards, weights, g.max_completion_length)
         trainer.set_probe(probe, cfg.training.eval_steps or 50)
-    resume = rd.resume_checkpoint() if cfg.training.resume == "auto" else None
-    check_resume_dtype(resume, model, where)
-    if resume and dist.is_main():
-        log.info("run %s: resuming from %s", name, resume)
-    t0 = time.time()
-    with rd.disk_errors(f"run {name}", "a checkpoint"):
-        trainer.train(resume_from_checkpoint=resume)
-    train_seconds = time.time() - t0
+    resume, train_seconds = fit(trainer, rd, cfg, model, name, where)
 
     # 6. Outputs, metrics.json last.
     hist = loss_history(trainer.state.log_history)

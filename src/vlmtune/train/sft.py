@@ -68,6 +68,20 @@ def prepare_model(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, where: st
     return lm, model, plan
 
 
+def fit(trainer: Any, rd: RunDir, cfg: Config, model: torch.nn.Module, name: str, where: str) -> tuple[Optional[str], float]:
+    """Train, resuming from the run's newest complete checkpoint (`training.resume: auto`),
+    refusing one of another dtype; a full disk is one line. Returns (checkpoint resumed from,
+    seconds trained)."""
+    resume = rd.resume_checkpoint() if cfg.training.resume == "auto" else None
+    check_resume_dtype(resume, model, where)
+    if resume and dist.is_main():
+        log.info("run %s: resuming from %s", name, resume)
+    t0 = time.time()
+    with rd.disk_errors(f"run {name}", "a checkpoint"):
+        trainer.train(resume_from_checkpoint=resume)
+    return resume, time.time() - t0
+
+
 def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples: list[Sample], val_samples: Optional[list[Sample]],
               where: str = "model", callbacks: Optional[list[Any]] = None, extra_metrics: Optional[dict[str, Any]] = None,
               run_dir: Optional[RunDir] = None) -> dict[str, Any]:
@@ -127,14 +141,7 @@ def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples
     )
     for cb in callbacks or []:
         trainer.add_callback(cb)
-    resume = rd.resume_checkpoint() if cfg.training.resume == "auto" else None
-    check_resume_dtype(resume, model, where)
-    if resume and dist.is_main():
-        log.info("run %s: resuming from %s", name, resume)
-    t0 = time.time()
-    with rd.disk_errors(f"run {name}", "a checkpoint"):
-        trainer.train(resume_from_checkpoint=resume)
-    train_seconds = time.time() - t0
+    resume, train_seconds = fit(trainer, rd, cfg, model, name, where)
 
     # 5. Outputs; metrics.json last: its presence says the outputs beside it are complete.
     hist = loss_history(trainer.state.log_history)
