@@ -268,3 +268,23 @@ def test_the_probe_blanks_every_image_at_its_size(shapes_dir, tmp_path):
     for orig, blank in zip(imgs, b.images):
         im = Image.open(blank)
         assert im.size == Image.open(orig).size and im.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+def test_a_deliberately_unfrozen_reference_stops_a_real_run(shapes_dir, tmp_path):
+    """End to end: a base weight (part of the adapter-disabled reference) made trainable after
+    the trainer is built lands in the optimizer; the check before step 1 stops the run and
+    nothing is trained."""
+    from vlmtune.train.reference import ReferenceNotFrozen
+
+    def hook(cls):
+        class Leaky(cls):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                base = next(p for n, p in self.model.named_parameters() if "base_layer.weight" in n)
+                base.requires_grad_(True)
+        return Leaky
+
+    cfg = _config(tmp_path, shapes_dir, {"rewards": [{"name": "exact_match"}]})
+    with pytest.raises(ReferenceNotFrozen, match=r"not frozen: 1 parameter\(s\) require grad .* 1 are in the optimizer"):
+        _in_process(cfg, hook)
+    assert not (tmp_path / "out" / RUN / "metrics.json").exists() and not list((tmp_path / "out" / RUN / "checkpoints").glob("checkpoint-*"))
