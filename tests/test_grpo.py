@@ -288,3 +288,11 @@ def test_a_deliberately_unfrozen_reference_stops_a_real_run(shapes_dir, tmp_path
     with pytest.raises(ReferenceNotFrozen, match=r"not frozen: 1 parameter\(s\) require grad .* 1 are in the optimizer"):
         _in_process(cfg, hook)
     assert not (tmp_path / "out" / RUN / "metrics.json").exists() and not list((tmp_path / "out" / RUN / "checkpoints").glob("checkpoint-*"))
+
+
+def test_grpo_without_a_grpo_section_is_one_line(shapes_dir, tmp_path, capsys):
+    from vlmtune.cli import main
+
+    cfg = write_config(tmp_path / "c.yaml", shapes_dir, tmp_path / "out")
+    assert main(["grpo", str(cfg)]) == 1
+    assert "the config has no grpo: section" in capsys.readouterr().err and not (tmp_path / "out").exists()
