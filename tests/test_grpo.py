@@ -296,3 +296,12 @@ def test_grpo_without_a_grpo_section_is_one_line(shapes_dir, tmp_path, capsys):
     cfg = write_config(tmp_path / "c.yaml", shapes_dir, tmp_path / "out")
     assert main(["grpo", str(cfg)]) == 1
     assert "the config has no grpo: section" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_reward_that_does_not_import_fails_before_the_model_loads(shapes_dir, tmp_path):
+    cfg = _config(tmp_path, shapes_dir, {"rewards": [{"function": "no_such_module_here:f"}]})
+    r = _cli(cfg)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = [line for line in r.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: grpo.rewards[0].function: cannot import 'no_such_module_here'"), last
+    assert "(GRPO):" not in r.stderr and not (tmp_path / "out").exists()  # no model loaded (its part report), nothing written

@@ -124,6 +124,8 @@ def grpo_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples:
     name = run_name(mcfg, variant)
     rd = run_dir or RunDir(cfg.resolved_output_dir() / name)
     preflight(cfg, mcfg, where)
+    # The rewards first: a user function that does not import fails before any weights load.
+    rewards, weights = build_rewards(g.rewards, train_samples)
 
     # 1. The policy.
     set_seed(cfg.training.seed)
@@ -134,9 +136,8 @@ def grpo_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples:
     if dist.is_main():
         log.info("run %s (GRPO): %s\n%s", name, describe_plan(plan), format_report(report))
 
-    # 2-3. Prompts and rewards.
+    # 2. The prompts (3. the rewards were built above).
     dataset = grpo_dataset(train_samples)
-    rewards, weights = build_rewards(g.rewards, train_samples)
 
     # 4. The run directory.
     rd.prepare()
