@@ -38,7 +38,7 @@ from .trainer import VlmTrainer
 
 log = logging.getLogger("vlmtune")
 
-__all__ = ["train_run", "prepare_model", "preflight", "check_precision", "run_name", "resolved_run_config", "save_outputs"]
+__all__ = ["train_run", "prepare_model", "preflight", "fit", "check_precision", "run_name", "resolved_run_config", "save_outputs"]
 
 
 def preflight(cfg: Config, mcfg: ModelConfig, where: str) -> None:
