@@ -10,7 +10,7 @@ GPUs).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -81,14 +81,3 @@ def any_rank(flag: bool) -> bool:
         t = t.cuda()
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
-
-
-def main_first(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0, then (after a barrier) on the other ranks: rank 0 may create or
-    repair files that the others then only read."""
-    if is_main():
-        out = fn()
-        barrier()
-        return out
-    barrier()
-    return fn()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import traceback
-from pathlib import Path
 from typing import Any, Optional
 
 import yaml

@@ -28,13 +28,13 @@ from ..data.images import load_image
 from ..data.sources import Sample, message_text
 from ..errors import UserError
 from .args import training_arguments
-from .outputs import loss_history, peak_memory, save_outputs
+from .outputs import run_metrics
 from .plan import describe_plan, format_report, parameter_report
 from .reference import ReferencePolicyMixin
 from .rewards import build_rewards
 from .rundir import RunDir, resolved_run_config, run_name
 from .samples import SAMPLE_ID_COLUMN
-from .sft import fit, prepare_model, preflight
+from .sft import finish, fit, prepare_model, preflight
 from .trainer import compose
 
 log = logging.getLogger("vlmtune")
@@ -167,28 +167,11 @@ def grpo_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples:
     resume, train_seconds = fit(trainer, rd, cfg, model, name, where)
 
     # 6. Outputs, metrics.json last.
-    hist = loss_history(trainer.state.log_history)
     grpo_hist = [{"step": h["step"], **{k: h[k] for k in h if k in GRPO_LOG_KEYS or k.startswith("rewards/")}}
                  for h in trainer.state.log_history if "reward" in h]
     reliance = [{"step": h["step"], **{k: v for k, v in h.items() if k.startswith("visual_reliance/")}}
                 for h in trainer.state.log_history if "visual_reliance/gap" in h]
-    metrics = {
-        **hist,
-        "grpo_history": grpo_hist,
-        "visual_reliance_history": reliance,
-        "final_train_loss": hist["train_loss_history"][-1]["loss"] if hist["train_loss_history"] else None,
-        "final_eval_loss": None,
-        "global_step": trainer.state.global_step,
-        "train_seconds": train_seconds,
-        "resumed_from": resume,
-        "tokens_seen": 0,
-        "peak_memory": peak_memory(),
-        "world_size": dist.world_size(),
-        "n_train_samples": len(train_samples),
-        "method": "grpo",
-        **(extra_metrics or {}),
-    }
-    with rd.disk_errors(f"run {name}", "lora_adapter/, final/ and metrics.json"):
-        merged = save_outputs(model, lm, rd, rebuild=lambda: prepare_model(cfg, policy_source(cfg, mcfg), variant, where)[1])
-        rd.write_json(rd.metrics, metrics)
+    metrics = run_metrics(trainer, resume, train_seconds, grpo_history=grpo_hist, visual_reliance_history=reliance,
+                          n_train_samples=len(train_samples), method="grpo", **(extra_metrics or {}))
+    merged = finish(model, lm, rd, metrics, name, rebuild=lambda: prepare_model(cfg, policy_source(cfg, mcfg), variant, where)[1])
     return {"run": name, "run_dir": str(rd), "model": merged, "loaded": lm, "encoder": Encoder(lm.processor, lm.family), "metrics": metrics}

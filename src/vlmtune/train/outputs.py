@@ -32,6 +32,25 @@ def loss_history(log_history: list[dict]) -> dict[str, Any]:
             "skipped_nan_batches": {"count": len(skipped), "steps": [b["step"] for b in skipped], "batches": skipped}}
 
 
+def run_metrics(trainer: Any, resume: Optional[str], train_seconds: float, **fields: Any) -> dict[str, Any]:
+    """What every recipe's `metrics.json` holds: the loss curves, the final losses, steps,
+    time, memory and world size; `fields` add the recipe's own (they win)."""
+    hist = loss_history(trainer.state.log_history)
+    final_loss = hist["train_loss_history"][-1]["loss"] if hist["train_loss_history"] else hist["train_summary"].get("train_loss")
+    return {
+        **hist,
+        "final_train_loss": final_loss,
+        "final_eval_loss": hist["eval_loss_history"][-1]["eval_loss"] if hist["eval_loss_history"] else None,
+        "global_step": trainer.state.global_step,
+        "train_seconds": train_seconds,
+        "resumed_from": resume,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+        "peak_memory": peak_memory(),
+        "world_size": dist.world_size(),
+        **fields,
+    }
+
+
 def peak_memory() -> dict[str, Any]:
     """Peak memory of this process: CUDA allocations on a GPU, resident set size on a CPU."""
     if torch.cuda.is_available():

@@ -89,5 +89,5 @@ def check_resume_dtype(ckpt: Optional[str], model: nn.Module, where: str) -> Non
         raise UserError(
             f"{where}.torch_dtype",
             f"{Path(ckpt).name} holds {have} weights but this run trains {want} ones",
-            f"set torch_dtype (and mixed_precision) as when the run started to resume it, or set training.resume: never / a new output_dir to start over",
+            "set torch_dtype (and mixed_precision) as when the run started to resume it, or set training.resume: never / a new output_dir to start over",
         )

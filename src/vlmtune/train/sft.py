@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -29,7 +29,7 @@ from ..models.loading import LoadedModel, load_model, pick_dtype, quantization_b
 from .adapt import apply_plan
 from .args import check_deepspeed, training_arguments
 from .fsdp import check_fsdp, shard_model
-from .outputs import loss_history, peak_memory, save_outputs
+from .outputs import run_metrics, save_outputs
 from .plan import Plan, describe_plan, format_report, parameter_report, plan_parts
 from .precision import cast_trainables, check_precision, check_resume_dtype, trainable_dtype
 from .rundir import RunDir, check_writable, resolved_run_config, run_name
@@ -38,7 +38,7 @@ from .trainer import VlmTrainer
 
 log = logging.getLogger("vlmtune")
 
-__all__ = ["train_run", "prepare_model", "preflight", "fit", "check_precision", "run_name", "resolved_run_config", "save_outputs"]
+__all__ = ["train_run", "prepare_model", "preflight", "fit", "finish", "check_precision", "run_name", "resolved_run_config", "save_outputs"]
 
 
 def preflight(cfg: Config, mcfg: ModelConfig, where: str) -> None:
@@ -80,6 +80,16 @@ def fit(trainer: Any, rd: RunDir, cfg: Config, model: torch.nn.Module, name: str
     with rd.disk_errors(f"run {name}", "a checkpoint"):
         trainer.train(resume_from_checkpoint=resume)
     return resume, time.time() - t0
+
+
+def finish(model: torch.nn.Module, lm: LoadedModel, rd: RunDir, metrics: dict[str, Any], name: str,
+           rebuild: Callable[[], torch.nn.Module]) -> Optional[torch.nn.Module]:
+    """Write lora_adapter/ and final/, then metrics.json last (its presence says the outputs
+    beside it are complete); a full disk is one line. Returns the merged model (rank 0)."""
+    with rd.disk_errors(f"run {name}", "lora_adapter/, final/ and metrics.json"):
+        merged = save_outputs(model, lm, rd, rebuild=rebuild)
+        rd.write_json(rd.metrics, metrics)
+    return merged
 
 
 def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples: list[Sample], val_samples: Optional[list[Sample]],
@@ -144,23 +154,7 @@ def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples
     resume, train_seconds = fit(trainer, rd, cfg, model, name, where)
 
     # 5. Outputs; metrics.json last: its presence says the outputs beside it are complete.
-    hist = loss_history(trainer.state.log_history)
-    final_loss = hist["train_loss_history"][-1]["loss"] if hist["train_loss_history"] else hist["train_summary"].get("train_loss")
-    metrics = {
-        **hist,
-        "final_train_loss": final_loss,
-        "final_eval_loss": hist["eval_loss_history"][-1]["eval_loss"] if hist["eval_loss_history"] else None,
-        "global_step": trainer.state.global_step,
-        "train_seconds": train_seconds,
-        "resumed_from": resume,
-        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
-        "peak_memory": peak_memory(),
-        "world_size": dist.world_size(),
-        "n_train_samples": len(train_ds),
-        "skipped_overlength": len(train_ds.skipped),
-        **(extra_metrics or {}),
-    }
-    with rd.disk_errors(f"run {name}", "lora_adapter/, final/ and metrics.json"):
-        merged = save_outputs(model, lm, rd, rebuild=lambda: prepare_model(cfg, mcfg, variant, where)[1])
-        rd.write_json(rd.metrics, metrics)
+    metrics = run_metrics(trainer, resume, train_seconds, n_train_samples=len(train_ds), skipped_overlength=len(train_ds.skipped),
+                          **(extra_metrics or {}))
+    merged = finish(model, lm, rd, metrics, name, rebuild=lambda: prepare_model(cfg, mcfg, variant, where)[1])
     return {"run": name, "run_dir": str(rd), "model": merged, "loaded": lm, "encoder": encoder, "metrics": metrics}
