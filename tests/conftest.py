@@ -30,6 +30,12 @@ def shapes_dir(tmp_path_factory) -> Path:
     return out
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a test's vlmtune subprocess: one torch thread per process (the same
+    float reductions in every run, and no OpenMP spin on a busy 2-core machine)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+
+
 def write_config(path: Path, data_dir: Path, out_dir: Path, **overrides) -> Path:
     """A small config over the synthetic data; `overrides` are merged per top-level key."""
     cfg = {

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -33,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import write_config
+from conftest import write_config, subprocess_env as _env
 from vlmtune.train.checkpoints import checkpoint_problem, last_good_checkpoint
 
 RUN = "q__r8"
@@ -91,9 +90,6 @@ if "torn_optimizer" in spec:
 runpy.run_module("vlmtune.cli", run_name="__main__", alter_sys=True)
 """
 
-
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
 
 
 def train(cfg: Path, kill: dict | None = None) -> subprocess.CompletedProcess:

@@ -16,8 +16,6 @@ Every run is a real subprocess with one torch thread per process (gloo on 2 core
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_config
+from conftest import write_config, subprocess_env as _env
 
 RUN = "q__r8"
 TOL = 1e-4
@@ -52,9 +50,6 @@ transformers.Trainer.__init__ = _patched
 runpy.run_module("vlmtune", run_name="__main__", alter_sys=True)
 """
 
-
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
 
 
 def _torchrun(cfg: Path, kill_after_save: int | None = None) -> subprocess.CompletedProcess:

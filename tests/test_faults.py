@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_config
+from conftest import write_config, subprocess_env as _env
 from vlmtune.train.checkpoints import checkpoint_problem
 
 RUN = "q__r8"
@@ -67,9 +67,6 @@ transformers.Trainer.__init__ = _patched_init
 runpy.run_module("vlmtune", run_name="__main__", alter_sys=True)
 """
 
-
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
 
 
 def train(cfg: Path, fault: dict | None = None, *extra: str) -> subprocess.CompletedProcess:

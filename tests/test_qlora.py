@@ -19,7 +19,6 @@ bitsandbytes runs 4-bit and 8-bit on CPU (`device_map="cpu"`), so all of this ru
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +28,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import write_config
+from conftest import write_config, subprocess_env as _env
 from vlmtune.cli import main
-from vlmtune.config import LoraConfig, ModelConfig, PartConfig, TrainingConfig, VisualEncoderSettings
+from vlmtune.config import LoraConfig, ModelConfig, TrainingConfig, VisualEncoderSettings
 from vlmtune.data.collate import Collator, Encoder, SFTDataset
 from vlmtune.data.sources import Sample
 from vlmtune.errors import UserError
@@ -166,9 +165,6 @@ def test_no_grad_eval_forward_does_not_change_the_next_training_step(family, sha
 
 RUN = "q__r8"
 
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _cli_train(cfg: Path) -> subprocess.CompletedProcess:

@@ -12,15 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import subprocess_env as _env
 import yaml
 
 from vlmtune.config import config_from_dict, load_config
 from vlmtune.experiment.grid import _settings_differ
 from vlmtune.train.rundir import RunDir, resolved_run_config
 
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _vlmtune(cwd: Path, *args: str) -> subprocess.CompletedProcess:
