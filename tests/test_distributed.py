@@ -118,6 +118,9 @@ def test_ddp_two_processes_equal_one_process(single_losses, shapes_dir, tmp_path
     assert len(losses) == len(single_losses) == 4
     assert max(abs(a - b) for a, b in zip(losses, single_losses)) < TOL, (losses, single_losses)
     _assert_one_set_of_outputs(run)
+    # log lines print once per job, not once per rank (rank 0 logs; other ranks only errors)
+    lines = [line for line in r.stderr.splitlines() if line.startswith(("train: ", "val: ", "test: ", "[run ", "run "))]
+    assert lines and len(lines) == len(set(lines)), lines
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vlmtune"
-# the shared bottom (errors, io, dist, config) first; the demo is a command, below the CLI that runs it
-LAYERS = ["errors", "io", "dist", "text", "config", "models", "data", "train", "eval", "experiment", "demo", "cli", "__main__"]
+# the shared bottom (errors, logs, io, dist, config) first; the demo is a command, below the CLI that runs it
+LAYERS = ["errors", "logs", "io", "dist", "text", "config", "models", "data", "train", "eval", "experiment", "demo", "cli", "__main__"]
 
 
 def _layer(module: str) -> int:

@@ -4,6 +4,8 @@
     vlmtune train CONFIG.yaml [--model NAME] [--variant NAME] [--set key.path=value ...]
     vlmtune grpo CONFIG.yaml [--model NAME] [--variant NAME] [--set key.path=value ...]   (GRPO; a grpo: section)
     vlmtune run CONFIG.yaml [--only NAME] [--dry-run]       (train + evaluate + summary + report.html)
+    vlmtune run CONFIG.yaml --list                            (one run name per line: SLURM arrays, ...)
+    vlmtune run CONFIG.yaml --launcher ray [--address ADDR]   (each run a Ray task: docs/distributed.md)
     vlmtune report OUTPUT_DIR
     vlmtune train --dataset data.jsonl --model-id ID [--mode llm|vision|both|projector]
     vlmtune inspect MODEL_ID [--model-type T]
@@ -12,6 +14,8 @@
     vlmtune evaluate --model-id ID [--lora-path P] [--model-type T] --csv test.csv
     vlmtune score predictions.jsonl [--metrics a,b,c] [--output F.json]
     vlmtune check CONFIG.yaml [--json] [--fast]
+    vlmtune export RUN_DIR --to DIR [--dtype bfloat16] [--push-to-hub REPO] [--force]
+    vlmtune chat RUN_DIR|MODEL --image PATH ["question"]   (no question: an interactive loop)
 
 User errors print one line and exit 1; `--debug` shows the traceback.
 """
@@ -24,25 +28,15 @@ import logging
 import os
 import re
 import sys
-import warnings
 from typing import Any, Optional
 
 from .errors import UserError
+from .logs import setup_logging
 
 log = logging.getLogger("vlmtune")
 
 
-def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
-    if not debug:
-        warnings.filterwarnings("ignore")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        for noisy in ("bitsandbytes", "accelerate", "peft", "httpx", "huggingface_hub"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+_setup_logging = setup_logging  # the name tests and older callers use
 
 
 def load_cli_config(path: str, sets: Optional[list[str]] = None):
@@ -51,6 +45,10 @@ def load_cli_config(path: str, sets: Optional[list[str]] = None):
     from .config import load_config
 
     return load_config(path, sets=sets or None)
+
+
+DEFAULT_MODEL_ID = "Qwen/Qwen2.5-VL-3B-Instruct"
+"""The quick form's model when neither --model-id nor VLMTUNE_MODEL_ID names one."""
 
 
 def _slug(model_id: str) -> str:
@@ -65,11 +63,13 @@ def quick_config(args: argparse.Namespace):
     if mode not in TRAINING_MODES:
         raise UserError("TRAINING_MODE" if not args.mode else "--mode", f"unknown mode {mode!r}", f"use one of {', '.join(TRAINING_MODES)}")
     if not args.model_id:
-        raise UserError("--model-id", "missing", "pass --model-id (a hub id, local directory or tiny:<family>)")
+        # seed 002's `TRAINING_MODE=llm ... train --dataset data.jsonl` names no model
+        args.model_id = os.environ.get("VLMTUNE_MODEL_ID") or DEFAULT_MODEL_ID
+        log.info("no --model-id: training %s (the default; --model-id or VLMTUNE_MODEL_ID picks another)", args.model_id)
     raw: dict[str, Any] = {
         "experiment_name": "quick",
         "output_dir": args.output_dir or "results/quick",
-        "data": {"train_jsonl": args.dataset},
+        "data": {"train_file": args.dataset},
         "models": [{"name": _slug(args.model_id), "hf_model_id": args.model_id, **({"model_type": args.model_type} if args.model_type else {})}],
         "training": {"training_mode": mode},
     }
@@ -109,19 +109,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Train and evaluate every model x variant, resumably; write ablation_summary.json and report.html."""
     from .experiment.grid import describe_runs, run_grid
     from .experiment.report import write_report
-    from .experiment.summary import build_summary
+    from .experiment.summary import build_summary, log_summary
     from .io import atomic_write_json
 
     path = args.config or args.config_flag
     if not path:
         raise UserError("run", "no config given", "vlmtune run CONFIG.yaml (or --config CONFIG.yaml)")
+    listing = args.dry_run or args.list
+    if args.address and args.launcher != "ray":
+        raise UserError("--address", "only the Ray launcher connects to a cluster", "add --launcher ray")
+    if args.launcher == "ray" and not listing:
+        from .experiment.ray_launcher import require_ray
+
+        require_ray()  # not installed: one line naming the extra, before anything loads
     cfg = load_cli_config(path, args.set)
     if args.output_dir:
         cfg.output_dir = args.output_dir
+    if args.list:  # one run name per line and nothing else on stdout (SLURM arrays: docs/distributed.md)
+        from .experiment.grid import select_runs
+        from .train.rundir import run_name
+
+        print("\n".join(run_name(m, v) for _, m, v in select_runs(cfg, only=args.only)))
+        return 0
     if args.dry_run:
         print("\n".join(describe_runs(cfg, args.only)))
         return 0
-    results = run_grid(cfg, only=args.only, keep_going=True, reuse=True)
+    if args.launcher == "ray":
+        from .experiment.ray_launcher import run_grid_ray
+
+        results = run_grid_ray(cfg, only=args.only, address=args.address, debug=args.debug)
+    else:
+        results = run_grid(cfg, only=args.only, keep_going=True, reuse=True)
     from . import dist
 
     if not dist.is_main():
@@ -133,6 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = cfg.resolved_output_dir()
     summary = build_summary(cfg, results)
     atomic_write_json(out / "ablation_summary.json", summary)
+    log_summary(cfg, summary)  # to training.report_to's loggers (docs/loggers.md)
     report = write_report(out)
     for r in summary["runs"]:
         if r["status"] == "complete":
@@ -204,21 +223,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_preview(args: argparse.Namespace) -> int:
+def preview_samples(cfg: Any, split: str = "train", n: int = 3, model: Optional[str] = None) -> list[tuple[dict[str, Any], Any]]:
+    """What `vlmtune preview` shows for the first `n` samples of `split`: per sample, the
+    printed row (text with image tokens, supervised tokens) and the `Encoded` model inputs
+    (input_ids, labels, image tensors) it was made from."""
     from .data.collate import Encoder
     from .data.sources import load_split
     from .models.loading import load_processor_only
 
-    cfg = load_cli_config(args.config, args.set)
-    idx = next((i for i, m in enumerate(cfg.models) if args.model in (None, m.name)), None)
+    idx = next((i for i, m in enumerate(cfg.models) if model in (None, m.name)), None)
     if idx is None:
-        raise UserError("--model", f"no model named {args.model!r}", f"choose one of {', '.join(m.name for m in cfg.models)}")
+        raise UserError("--model", f"no model named {model!r}", f"choose one of {', '.join(m.name for m in cfg.models)}")
     processor, family = load_processor_only(cfg.models[idx], f"models[{idx}]")
     enc = Encoder(processor, family)
-    samples = load_split(cfg, args.split) or []
-    for s in samples[: args.n]:
+    out = []
+    for s in (load_split(cfg, split) or [])[:n]:
         e = enc.encode(s)
-        row = {
+        out.append(({
             "id": s.id,
             "text": enc.decode_for_display(e.features["input_ids"]),
             "n_tokens": e.n_tokens,
@@ -226,7 +247,13 @@ def cmd_preview(args: argparse.Namespace) -> int:
             "n_supervised_tokens": e.n_supervised,
             "supervised_text": enc.supervised_text(e),
             "supervised_segments": enc.supervised_segments(e),
-        }
+        }, e))
+    return out
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    cfg = load_cli_config(args.config, args.set)
+    for row, _ in preview_samples(cfg, args.split, args.n, args.model):
         if args.json:
             print(json.dumps(row, ensure_ascii=False))
         else:
@@ -253,7 +280,7 @@ def _check_evaluate_flags(args: argparse.Namespace) -> None:
                            ("--max-new-tokens", TrainingConfig, "generation_max_new_tokens"), ("--num-beams", TrainingConfig, "generation_num_beams"),
                            ("--temperature", TrainingConfig, "generation_temperature"), ("--top-p", TrainingConfig, "generation_top_p"),
                            ("--min-pixels", ModelConfig, "min_pixels"), ("--max-pixels", ModelConfig, "max_pixels")):
-        check_setting(cls, key, getattr(args, flag[2:].replace("-", "_")), flag)
+        check_setting(cls, key, getattr(args, flag[2:].replace("-", "_"), None), flag)  # `chat` has only some of them
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -264,18 +291,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if bool(args.run) == bool(args.model_id):
         raise UserError("evaluate", "give exactly one of --run RUN_DIR or --model-id ID", "e.g. vlmtune evaluate --run results/exp/model__lora_r16 --csv test.csv")
-    if bool(args.csv) == bool(args.jsonl):
-        raise UserError("evaluate", "give exactly one of --csv or --jsonl", "e.g. --csv data/test.csv (columns url, query, annotation)")
+    if sum(bool(x) for x in (args.csv, args.jsonl, args.file)) != 1:
+        raise UserError("evaluate", "give exactly one of --csv or --jsonl (or --file: any format)", "e.g. --csv data/test.csv (columns url, query, annotation)")
     if args.run and args.lora_path:
         raise UserError("--lora-path", "a run already names its adapter", "drop --lora-path (or use --model-id with --lora-path)")
     _check_evaluate_flags(args)
     metrics = _metric_list(args.metrics)
     style = PromptStyle(args.prompt_template.replace("\\n", "\n") if args.prompt_template else None, args.system_message)
-    data_file = args.csv or args.jsonl
+    data_file = args.csv or args.jsonl or args.file
     dcfg = S.eval_data_config(args.image_column, args.query_column, args.annotation_column, args.image_root,
                               args.allow_absolute_paths, args.allow_remote_images)
     samples = S.load_eval_samples(data_file, dcfg,
-                                  "--csv" if args.csv else "--jsonl")
+                                  "--csv" if args.csv else "--jsonl" if args.jsonl else "--file", "csv" if args.csv else "json-auto" if args.jsonl else None)
     if args.limit:
         samples = samples[: args.limit]
     if args.run:
@@ -308,6 +335,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             from .eval.metrics import check_names
 
             check_names(cfg.evaluation.metrics, "evaluation.metrics")
+        from .train.loggers import check_installed
+
+        check_installed(cfg.training.report_to)  # a logger that is not installed: one line naming the extra
+        for v in cfg.variants():
+            if "report_to" in (v.training or {}):
+                check_installed(v.training["report_to"], f"lora_variants.{v.name}.training.report_to")
     except UserError as e:
         report = Report(problems=[Problem.of(e)])
     else:
@@ -332,10 +365,54 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .experiment.export import export_run
+
+    r = export_run(args.run_dir, args.to, args.dtype, args.force, args.push_to_hub, args.private, args.weights)
+    print(f"{r.run.name}: {r.source} -> {r.path} ({r.dtype}, {r.n_parameters:,} parameters, {r.size_bytes / 2**20:.1f} MiB; model card README.md)")
+    if r.url:
+        print(f"pushed -> {r.url}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .eval import chat as C
+    from .eval import standalone as S
+    from .eval.generate import PromptStyle
+
+    _check_evaluate_flags(args)
+    images = C.check_images(args.image)
+    em = C.load_target(args.model, args.weights, args.model_type, args.lora_path, args.dtype, args.trust_remote_code, args.min_pixels, args.max_pixels)
+    rc = em.run_config
+    settings = S.settings_from(rc, {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": args.do_sample or None,
+                                    "temperature": args.temperature, "top_p": args.top_p})
+    system = args.system_message or (rc.data.system_message if rc else None)  # a run's own, as its evaluation had
+    style = PromptStyle(args.prompt_template.replace("\\n", "\n") if args.prompt_template else None, system)
+    chat = C.Chat(em, images, settings, style)
+    if args.question:
+        print(chat.ask(" ".join(args.question)))
+        return 0
+    C.interactive(chat, sys.stdin, sys.stdout, f"chat with {args.model} about {', '.join(args.image)}; `exit` or Ctrl-D ends")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
     p = argparse.ArgumentParser(prog="vlmtune", description="Fine-tune and evaluate vision-language models from one YAML file.")
+    try:
+        ver = version("vlmtune")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        ver = "unknown (not installed)"
+    p.add_argument("--version", action="version", version=f"vlmtune {ver}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    # `--debug` after the subcommand too (`vlmtune train c.yaml --debug`): SUPPRESS keeps a
+    # subcommand that was not given it from resetting the top-level flag
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and library logs")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add_parser(*a, parents=[common, *kw.pop("parents", [])], **kw)  # type: ignore[method-assign]
 
     d = sub.add_parser("demo", help="train a tiny VLM on synthetic data and show it learned")
     d.add_argument("--output-dir", default="results/demo")
@@ -345,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="config YAML")
     t.add_argument("--model", help="only this model (by name)")
     t.add_argument("--variant", help="only this LoRA variant (by name)")
-    t.add_argument("--dataset", help="quick form: a JSONL training file")
-    t.add_argument("--model-id", help="quick form: hub id, local dir or tiny:<family>")
+    t.add_argument("--dataset", help="quick form: a training data file in any format (JSONL, JSON, Parquet, ...: docs/data-formats.md)")
+    t.add_argument("--model-id", help="quick form: hub id, local dir or tiny:<family> (default: $VLMTUNE_MODEL_ID, else Qwen/Qwen2.5-VL-3B-Instruct)")
     t.add_argument("--model-type", help="quick form: family (derived from the model when omitted)")
     t.add_argument("--mode", help="quick form: projector | llm | vision | both (default: $TRAINING_MODE or llm)")
     t.add_argument("--output-dir", help="override output_dir")
@@ -366,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", dest="config_flag", help="same as the positional CONFIG (seed habit: vlm_finetune_and_eval.py --config ...)")
     r.add_argument("--only", help="only this run (<model>__<variant>), variant or model")
     r.add_argument("--dry-run", action="store_true", help="list the runs and what each trains, then stop")
+    r.add_argument("--list", action="store_true", help="print the run names, one per line (with --only: the runs it selects), then stop")
+    r.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="local: the runs one after another in this process; ray: each run a Ray task with resources_per_run (pip install 'vlmtune[ray]')")
+    r.add_argument("--address", help="--launcher ray: the Ray cluster to join (e.g. auto, HOST:6379); default a local instance")
     r.add_argument("--output-dir", help="override output_dir")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.set_defaults(func=cmd_run)
@@ -403,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--max-pixels", type=int)
     data = e.add_argument_group("data")
     data.add_argument("--csv", help="evaluation CSV (columns url, query, annotation; annotation may be a JSON list of answers)")
-    data.add_argument("--jsonl", help="evaluation JSONL (messages/conversations records; optional references list)")
+    data.add_argument("--jsonl", help="evaluation JSONL or JSON array (messages/conversations records; optional references list)")
+    data.add_argument("--file", help="evaluation data in any format: CSV, JSON(L), Parquet, Arrow, a save_to_disk folder (docs/data-formats.md)")
     data.add_argument("--image-column", default="url")
     data.add_argument("--query-column", help="default: query (or instruction)")
     data.add_argument("--annotation-column", help="default: annotation (or response)")
@@ -439,12 +521,48 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--output", help="write the metrics JSON here")
     sc.add_argument("--tokenizer", help="model id or folder whose tokenizer counts tokens for token_stats")
     sc.set_defaults(func=cmd_score)
+
+    x = sub.add_parser("export", help="a run's merged model + processor + model card in one folder (transformers, vLLM, the hub)")
+    x.add_argument("run_dir", help="a run directory written by `vlmtune train` (or its name under results/*/)")
+    x.add_argument("--to", required=True, help="the folder to write (built beside it, then renamed into place)")
+    x.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the weights (default: as the run saved them)")
+    x.add_argument("--weights", choices=["auto", "final", "adapter"], default="auto", help="final/ (merged) or lora_adapter/ merged onto the base (default: final/ when present)")
+    x.add_argument("--force", action="store_true", help="replace an earlier export in --to")
+    x.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub repository (user/name); needs a token (hf auth login or HF_TOKEN)")
+    x.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    x.set_defaults(func=cmd_export)
+
+    ch = sub.add_parser("chat", help="ask a run's model (or any model) about an image: one answer, or an interactive loop")
+    ch.add_argument("model", help="a run directory (or its name under results/*/), an exported folder, a hub id or tiny:<family>")
+    ch.add_argument("question", nargs="*", help="the question (none: read questions from the terminal, one per line)")
+    ch.add_argument("--image", action="append", required=True, help="an image file or URL (repeat for several)")
+    ch.add_argument("--weights", choices=["auto", "final", "adapter"], default="auto", help="with a run: final/ or lora_adapter/ on the base")
+    ch.add_argument("--lora-path", help="with a model: a LoRA adapter folder to merge in")
+    ch.add_argument("--model-type", help="with a model: family (derived from the model when omitted)")
+    ch.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="with a model: weight dtype")
+    ch.add_argument("--trust-remote-code", action="store_true")
+    ch.add_argument("--min-pixels", type=int, help="with a model: Qwen-VL resolution bounds (a run uses its own)")
+    ch.add_argument("--max-pixels", type=int)
+    cg = ch.add_argument_group("generation (default: the run's own settings, as its evaluation)")
+    cg.add_argument("--max-new-tokens", type=int)
+    cg.add_argument("--num-beams", type=int)
+    cg.add_argument("--do-sample", action="store_true")
+    cg.add_argument("--temperature", type=float)
+    cg.add_argument("--top-p", type=float)
+    cg.add_argument("--prompt-template", help='plain prompt instead of the chat template, e.g. "Question: {query}\\nAnswer:"')
+    cg.add_argument("--system-message", help="system message before the conversation (default: the run's data.system_message)")
+    ch.set_defaults(func=cmd_chat)
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) == "chat" and not any(a.startswith("-") for a in extra):
+            args.question = [*args.question, *extra]  # `chat RUN --image X "question"`: argparse takes no positional after an option
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.debug)
     try:
         return int(args.func(args) or 0)

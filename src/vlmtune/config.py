@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import logging
 import os
 import types
 import typing
@@ -27,10 +28,16 @@ import yaml
 
 from .errors import UserError
 
+log = logging.getLogger("vlmtune")
+
 PARTS = ("vision", "projector", "llm")
 TRAIN_METHODS = ("frozen", "lora", "full")
 TRAINING_MODES = ("projector", "llm", "vision", "both")
 DATA_FILE_KEYS = ("train_csv", "val_csv", "test_csv", "train_jsonl", "val_jsonl", "test_jsonl")
+DATA_ANY_KEYS = ("train_file", "val_file", "test_file")
+"""Data in any format (data/sources.py): a local file or folder, or a Hugging Face hub id."""
+DATA_COLUMN_KEYS = ("messages", "conversations", "images", "image", "instruction", "response", "system", "id", "references")
+"""The fields `data.columns` maps onto a record's own field or a table's column names."""
 
 
 def resolve_path(path: str, config_dir: Optional[str] = None) -> Path:
@@ -160,9 +167,16 @@ class DataConfig:
     train_csv: Optional[str] = _f(None, "Training CSV: one row per sample (image, instruction, response).")
     val_csv: Optional[str] = _f(None, "Validation CSV (eval loss during training; evaluation fallback).")
     test_csv: Optional[str] = _f(None, "Test CSV for generation metrics after training.")
-    train_jsonl: Optional[str] = _f(None, "Training JSONL: `messages` or `conversations` records with `images`.")
+    train_jsonl: Optional[str] = _f(None, "Training JSONL: `messages` or `conversations` records with `images` (a JSON array of them works too).")
     val_jsonl: Optional[str] = _f(None, "Validation JSONL.")
     test_jsonl: Optional[str] = _f(None, "Test JSONL.")
+    train_file: Optional[str] = _f(None, "Training data in any format of docs/data-formats.md: CSV; JSON array or JSONL of LLaVA, LLaMA-Factory/ShareGPT, TRL/HF chat or OpenAI content-part records; Parquet; Arrow; a `datasets` save_to_disk folder; a Hugging Face hub id. The format is detected from the extension and the content (`format` overrides it). Not together with train_csv/train_jsonl.")
+    val_file: Optional[str] = _f(None, "Validation data in any format (see train_file). Not together with val_csv/val_jsonl.")
+    test_file: Optional[str] = _f(None, "Test data in any format (see train_file). Not together with test_csv/test_jsonl.")
+    format: Optional[Literal["csv", "jsonl", "json", "parquet", "arrow", "hf"]] = _f(None, "Format of train_file/val_file/test_file, instead of detecting it: csv; jsonl (one record per line); json (one array of records); parquet; arrow; hf (a `datasets` save_to_disk folder, a folder of data files, or a hub id).")
+    columns: Optional[dict[str, str]] = _f(None, "Which field or column holds what, for record and table data (JSON, JSONL, Parquet, Arrow, `datasets`), e.g. {images: photos, messages: dialog}. Keys: messages, conversations, images, image, instruction, response, system, id, references. A CSV reads its image, instruction and response columns from here too (over image_column, instruction_column, response_column).")
+    splits: Optional[dict[str, str]] = _f(None, "Which split of a `datasets` dataset with several (hub id, save_to_disk DatasetDict) train/val/test read, e.g. {val: validation}. Default: train; validation (or val, valid, dev); test; or the only split there is.")
+    hf_config_name: Optional[str] = _f(None, "Hub datasets with several configurations (subsets): the one to load (`load_dataset(id, name)`).")
     image_column: str = _f("url", "CSV column holding the image path (or URL).")
     instruction_column: str = _f("instruction", "CSV column with the user's instruction.")
     response_column: str = _f("response", "CSV column with the target response.")
@@ -192,7 +206,8 @@ class ModelConfig:
     min_pixels: Optional[int] = _f(None, "Qwen-VL dynamic resolution lower bound (pixels). Default 224*224.", ge=1)
     max_pixels: Optional[int] = _f(None, "Qwen-VL dynamic resolution upper bound (pixels), at least min_pixels. Default 224*224 (the seed's bound).", ge=1)
     image_processor: Optional[dict[str, Any]] = _f(None, "Image processor settings to override, e.g. {size: {longest_edge: 728}, do_image_splitting: false} for Idefics3/SmolVLM tiles (Qwen-VL: use min_pixels/max_pixels).")
-    trust_remote_code: bool = _f(False, "Allow the model repository's own Python code to run.")
+    trust_remote_code: bool = _f(False, "Allow the model repository's own Python code to run (models that load through `AutoModelForCausalLM`/`AutoModel` with their own code, e.g. InternVL: docs/remote-code.md).")
+    parts: Optional[dict[str, list[str]]] = _f(None, "Module paths of the model's parts, e.g. {vision: vision_model, projector: mlp1, llm: language_model} (a path or a list of paths each), where inspection cannot find them (remote code; `vlmtune inspect` lists what it found). Each named part replaces what the family or inspection found for it; a path the model does not have is an error.")
     load_in_4bit: bool = _f(False, "Load the LLM's linear layers in 4-bit NF4 (bitsandbytes, extra `quant`) for QLoRA; vision encoder, projector, LM head and every part trained `full` stay in full precision.")
     load_in_8bit: bool = _f(False, "Load the LLM's linear layers in 8-bit (bitsandbytes LLM.int8(), extra `quant`); the same parts stay in full precision as with `load_in_4bit`. Not together with `load_in_4bit`.")
     attn_implementation: Optional[str] = _f(None, "`eager`, `sdpa` or `flash_attention_2` (GPU extra).")
@@ -209,7 +224,7 @@ class LoraConfig:
     target_modules: Optional[list[str]] = _f(None, "Leaf module names for the LLM part; null = the family default. Same as `llm_target_modules`.")
     llm_target_modules: Optional[list[str]] = _f(None, "LoRA targets inside the LLM (scoped: never wraps vision modules).")
     vision_target_modules: Optional[list[str]] = _f(None, "LoRA targets inside the vision encoder.")
-    projector_target_modules: Optional[list[str]] = _f(None, "LoRA targets inside the projector (when the projector trains with `lora`).")
+    projector_target_modules: Optional[list[str]] = _f(None, "Seed 002: modules that always train fully, in every mode (e.g. multi_modal_projector, vision_embed_tokens), by module path or last name; saved in the adapter beside LoRA. A name that matches no module is an error. (The projector's own LoRA targets, when it trains with `lora`, are the family's.)")
     bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases train with LoRA.")
     training: Optional[dict[str, Any]] = _f(None, "Training keys this variant overrides, e.g. {training_mode: both, learning_rate: 1e-4, parts: {vision: {train: full, lr_multiplier: 0.1}}}: ablate what trains, not only LoRA shape.")
 
@@ -282,7 +297,7 @@ class TrainingConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0: no clipping (as in transformers).", ge=0)
     seed: int = _f(42, "Seed for init, shuffling and dropout.", ge=0, le=2**32 - 1)
     dataloader_num_workers: Optional[int] = _f(None, "Defaults to data.num_workers.", ge=0)
-    report_to: Union[str, list[str]] = _f("none", "none, wandb, tensorboard, mlflow or a list of them.",
+    report_to: Union[str, list[str]] = _f("none", "none, wandb, tensorboard, mlflow or a list of them (the `loggers` extra): loss, learning rate and eval loss while training, then the final and generation metrics and the config. Where each writes (in the run directory by default; wandb offline unless WANDB_MODE says otherwise): docs/loggers.md.",
                                          choices=Choices("transformers `report_to` integration (or none, all)", _report_to_names))
     run_name: Optional[str] = _f(None, "Tracker run name; default `<experiment>/<model>__<variant>`.")
     fsdp: Optional[str] = _f(None, "e.g. 'full_shard auto_wrap' (multi-process only).")
@@ -291,6 +306,11 @@ class TrainingConfig:
     resume: Literal["auto", "never"] = _f("auto", "auto: continue from the run's last checkpoint when there is one.")
     stages: Optional[list[StageConfig]] = _f(None, "Staged training: a list of stages run in order, each starting from the previous stage's weights (adapters merged between stages), e.g. [{name: projector, training_mode: projector}, {name: llm, training_mode: llm}].")
     deepspeed: Optional[str] = _f(None, "DeepSpeed config JSON (ZeRO-2/3) for multi-process training; needs the `deepspeed` extra.")
+    # Throughput (issue #15)
+    packing: bool = _f(False, "Padding-free packing: training samples are packed into rows of at most data.max_length tokens (image tokens counted), each attending only to itself (per-sample positions, Qwen's M-RoPE included). per_device_train_batch_size then counts packed rows. A family or attention backend that cannot pack gets one line and the padded path.")
+    group_by_length: bool = _f(False, "Padded path: batch samples of similar length together (seeded, resumable), so less of each batch is padding.")
+    lean_loss: bool = _f(True, "Compute the loss only at supervised positions, `loss_chunk_size` tokens at a time, never materialising full-vocabulary logits (Liger's fused kernel on a GPU when installed); false: the model's full logits.")
+    loss_chunk_size: int = _f(1024, "Tokens per chunk of the lean loss: peak logits memory is about loss_chunk_size x vocabulary x 4 bytes.", ge=1)
     nan_policy: Literal["stop", "skip_batch"] = _f("stop", "A NaN/inf loss stops training naming the step and samples, keeping the last good checkpoint (stop), or that batch is skipped and counted (skip_batch).")
     # Generation (used by evaluation)
     generation_max_new_tokens: int = _f(128, "Max new tokens per generated answer.", ge=1)
@@ -348,6 +368,14 @@ class GrpoConfig:
 
 
 @dataclass
+class ResourcesConfig:
+    """What one run of the grid asks a cluster for (`vlmtune run --launcher ray`)."""
+
+    gpus: Optional[float] = _f(None, "GPUs per run (Ray `num_gpus`; a fraction shares a GPU); default 1 when the cluster has GPUs, else 0.", ge=0)
+    cpus: float = _f(1.0, "CPUs per run (Ray `num_cpus`).", ge=0)
+
+
+@dataclass
 class Config:
     experiment_name: str = _f("vlmtune", "Experiment name.")
     output_dir: Optional[str] = _f(None, "Where run directories go; default results/<experiment_name>.")
@@ -360,6 +388,7 @@ class Config:
     grpo: Optional[GrpoConfig] = _f(None, "Reinforcement learning (GRPO) instead of SFT: `vlmtune grpo CONFIG` (or `vlmtune run` with this section).")
     visual_encoder_settings: VisualEncoderSettings = _f(help="Seed 000 settings.", factory=VisualEncoderSettings)
     baseline: Optional[str] = _f(None, "Run compared against in ablation_summary.json: a variant name (per model) or a run name `<model>__<variant>`; default the first variant of each model.")
+    resources_per_run: ResourcesConfig = _f(help="What each run asks a cluster for with `vlmtune run --launcher ray` (docs/distributed.md); the local launcher ignores it.", factory=ResourcesConfig)
     # Where the YAML lives; relative data paths fall back to this folder. Not a YAML key.
     config_dir: Optional[str] = field(default=None, repr=False, metadata={"internal": True})
 
@@ -368,7 +397,8 @@ class Config:
 
     def variants(self) -> list[LoraConfig]:
         """Every LoRA variant with the `lora:` defaults filled in (and the library defaults)."""
-        raw = self.lora_variants or [LoraConfig(name="lora_r16")]
+        # the default variant is named after its rank (`lora_r16`, or `lora.r`'s)
+        raw = self.lora_variants or [LoraConfig(name=f"lora_r{self.lora.r or 16}")]
         out = []
         for v in raw:
             merged = {}
@@ -403,6 +433,9 @@ class Config:
             return os.path.abspath(resolve_path(path, config_dir))
 
         data = {k: absolute(getattr(d, k), self.config_dir) for k in DATA_FILE_KEYS if getattr(d, k)}
+        # A *_file that exists here is a path; one that does not stays as written (a hub id).
+        data.update({k: absolute(getattr(d, k), self.config_dir) for k in DATA_ANY_KEYS
+                     if getattr(d, k) and resolve_path(getattr(d, k), self.config_dir).exists()})
         if d.image_root:
             data["image_root"] = absolute(d.image_root, self.config_dir)
         else:
@@ -585,6 +618,12 @@ def validate(cfg: Config, src: str = "config", variants: bool = True) -> Config:
                             "the pixel bounds must be ordered: set min_pixels <= max_pixels")
         if "__" in m.name or "/" in m.name:
             raise UserError(f"{src}: models[{i}].name", f"{m.name!r} contains '__' or '/'", "use a plain name: it becomes a folder name")
+        for part, paths in (m.parts or {}).items():
+            if part not in PARTS:
+                near = difflib.get_close_matches(part, PARTS, n=1)
+                raise UserError(f"{src}: models[{i}].parts.{part}", "unknown part", f"did you mean `{near[0]}`?" if near else "parts are vision, projector, llm")
+            if not paths or not all(paths):
+                raise UserError(f"{src}: models[{i}].parts.{part}", "no module path given", "name the part's module path(s), e.g. vision_model (see vlmtune inspect)")
     names = set()
     for i, v in enumerate(cfg.lora_variants):
         if not v.name:
@@ -622,11 +661,19 @@ def validate(cfg: Config, src: str = "config", variants: bool = True) -> Config:
         if cfg.baseline not in runs and cfg.baseline not in {v.name for v in cfg.variants()}:
             raise UserError(f"{src}: baseline", f"{cfg.baseline!r} is neither a variant nor a run", f"use a variant name or one of {', '.join(sorted(runs))}")
     d = cfg.data
-    if not (d.train_csv or d.train_jsonl):
-        raise UserError(f"{src}: data", "no training data", "set data.train_csv or data.train_jsonl")
+    if not (d.train_csv or d.train_jsonl or d.train_file):
+        raise UserError(f"{src}: data", "no training data", "set data.train_file (any format), data.train_csv or data.train_jsonl")
     for split in ("train", "val", "test"):
-        if getattr(d, f"{split}_csv") and getattr(d, f"{split}_jsonl"):
-            raise UserError(f"{src}: data.{split}_jsonl", f"both {split}_csv and {split}_jsonl are set", "keep one of them")
+        given = [k for k in (f"{split}_csv", f"{split}_jsonl", f"{split}_file") if getattr(d, k)]
+        if len(given) > 1:
+            raise UserError(f"{src}: data.{given[-1]}", f"both {given[0]} and {given[-1]} are set", f"keep one of them ({split}_file reads every format)")
+    for key in d.columns or {}:
+        if key not in DATA_COLUMN_KEYS:
+            near = difflib.get_close_matches(key, DATA_COLUMN_KEYS, n=1)
+            raise UserError(f"{src}: data.columns.{key}", "unknown field", f"did you mean `{near[0]}`?" if near else f"map one of {', '.join(DATA_COLUMN_KEYS)}")
+    for key in d.splits or {}:
+        if key not in ("train", "val", "test"):
+            raise UserError(f"{src}: data.splits.{key}", "unknown split", "use train, val or test as keys, e.g. {val: validation}")
     ve = cfg.visual_encoder_settings
     vision_override = t.parts.get("vision")
     # `both` with a frozen encoder just means projector + LLM; only an explicit request to
@@ -660,6 +707,83 @@ def _validate_rewards(rewards: list[RewardConfig], src: str) -> None:
                 raise UserError(f"{where}.pattern", f"not a regular expression ({e})", "fix the pattern") from None
 
 
+def seed_spellings(raw: Any, src: str = "config") -> Any:
+    """`raw` (a config as read) with the seed documents' spellings moved to vlmtune's keys, one
+    INFO line per spelling (the user learns the key to write; nothing is silently dropped):
+
+    - seed 000: `use_lora`, `lora_rank`, `lora_alpha`, `lora_target_modules` (top level or
+      under `training`) -> `lora.r` / `lora.alpha` / `lora.llm_target_modules`; `use_lora:
+      false` -> the LLM trains fully; `mixed_precision: true|false` -> `bf16` / `no`;
+      `load_in_4bit` and `gradient_checkpointing` at the top level -> every model's /
+      `training.`; `model_settings.vlm_training.visual_encoder_settings` ->
+      `visual_encoder_settings`;
+    - seed 001: `dataset_text_field`, `dataset_kwargs` (TRL SFTConfig arguments) are accepted
+      and have no effect: vlmtune renders and labels conversations itself.
+
+    A spelling that collides with its vlmtune key set to another value is one error line."""
+    if not isinstance(raw, dict):
+        return raw
+    out = copy.deepcopy(raw)
+    notes: list[str] = []
+
+    def move(section: dict[str, Any], key: str, dest: tuple[str, ...], value: Any, where: str) -> None:
+        node = out
+        for k in dest[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                raise UserError(f"{src}: {'.'.join(dest[:-1])}", "is not a mapping", "write it as a mapping of keys")
+            node = node[k]
+        if node is section and key == dest[-1]:  # the same key, a seed value (mixed_precision: true)
+            section[key] = value
+            notes.append(f"{where} -> {'.'.join(dest)}: {value}")
+            return
+        if dest[-1] in node and node[dest[-1]] != value:
+            raise UserError(f"{src}: {where}", f"the seed spelling says {value!r} but {'.'.join(dest)} says {node[dest[-1]]!r}",
+                            f"keep only {'.'.join(dest)}")
+        node[dest[-1]] = value
+        section.pop(key)
+        notes.append(f"{where} -> {'.'.join(dest)}")
+
+    sections = [(out, "")] + ([(out["training"], "training.")] if isinstance(out.get("training"), dict) else [])
+    for sec, prefix in sections:
+        if "use_lora" in sec:
+            if sec["use_lora"] is False:
+                move(sec, "use_lora", ("training", "parts", "llm", "train"), "full", f"{prefix}use_lora: false")
+            else:
+                sec.pop("use_lora")
+                notes.append(f"{prefix}use_lora: true is the default (the LLM trains with LoRA)")
+        for key, dest in (("lora_rank", "r"), ("lora_alpha", "alpha"), ("lora_target_modules", "llm_target_modules")):
+            if key in sec:
+                move(sec, key, ("lora", dest), sec[key], f"{prefix}{key}")
+        if isinstance(sec.get("mixed_precision"), bool):
+            move(sec, "mixed_precision", ("training", "mixed_precision"), "bf16" if sec["mixed_precision"] else "no",
+                 f"{prefix}mixed_precision: {str(sec['mixed_precision']).lower()}")
+        for key in ("dataset_text_field", "dataset_kwargs"):
+            if key in sec:
+                sec.pop(key)
+                notes.append(f"{prefix}{key} has no effect (vlmtune renders and labels conversations itself)")
+    if "gradient_checkpointing" in out:
+        move(out, "gradient_checkpointing", ("training", "gradient_checkpointing"), out["gradient_checkpointing"], "gradient_checkpointing")
+    if "load_in_4bit" in out:
+        value = out.pop("load_in_4bit")
+        for m in out.get("models") or []:
+            if isinstance(m, dict):
+                m.setdefault("load_in_4bit", value)
+        notes.append("load_in_4bit -> models[].load_in_4bit")
+    ms = out.get("model_settings")
+    if isinstance(ms, dict) and isinstance(ms.get("vlm_training"), dict) and "visual_encoder_settings" in ms["vlm_training"]:
+        vt = ms["vlm_training"]
+        move(vt, "visual_encoder_settings", ("visual_encoder_settings",), vt["visual_encoder_settings"], "model_settings.vlm_training.visual_encoder_settings")
+        if not vt:
+            ms.pop("vlm_training")
+        if not ms:
+            out.pop("model_settings")
+    for n in notes:
+        log.info("%s: seed spelling %s", src, n)
+    return out
+
+
 def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None, sets: Optional[list[str]] = None) -> Config:
     """Read, validate and return the config at `path` (safe YAML loader). `overrides` are
     deep-merged in and `sets` (`--set key.path=value`, see `apply_sets`) applied, both before
@@ -683,7 +807,7 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
     if sets:
         raw = apply_sets(raw, sets)
         src = src if src.endswith("(with --set)") else f"{src} (with --set)"
-    cfg = from_dict(Config, raw, "", src)
+    cfg = from_dict(Config, seed_spellings(raw, src), "", src)
     cfg.config_dir = str(p.resolve().parent)
     return validate(cfg, src)
 
@@ -768,7 +892,7 @@ def _unwrap(tp: Any) -> Any:
 
 
 def config_from_dict(raw: dict[str, Any], src: str = "config", config_dir: Optional[str] = None) -> Config:
-    cfg = from_dict(Config, raw, "", src)
+    cfg = from_dict(Config, seed_spellings(raw, src), "", src)
     cfg.config_dir = config_dir
     return validate(cfg, src)
 

@@ -222,7 +222,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples: list[Sample], encoder: Encoder, max_length: int, on_overlength: str = "skip", name: str = "train"):
         self.encoder = encoder
-        kept, skipped = [], []
+        kept, skipped, lengths = [], [], []
         for s in samples:
             n = encoder.encode(s).n_tokens
             if n > max_length:
@@ -231,12 +231,15 @@ class SFTDataset(torch.utils.data.Dataset):
                 skipped.append((s.id, n))
             else:
                 kept.append(s)
+                lengths.append(n)
         if skipped:
             log.warning("%s: skipped %d of %d samples longer than max_length=%d (e.g. %s: %d tokens); never truncated, since that would cut image tokens", name, len(skipped), len(samples), max_length, skipped[0][0], skipped[0][1])
         if not kept:
             raise UserError(f"data ({name})", f"every sample is longer than max_length={max_length}", "raise data.max_length")
         self.samples = kept
         self.skipped = skipped
+        self.lengths: list[int] = lengths
+        """Tokens of each kept sample, image tokens included (packing bins, length grouping)."""
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -21,6 +21,7 @@ import torch.nn as nn
 from ..config import ModelConfig, VisualEncoderSettings
 from ..errors import UserError
 from .families import PART_NAMES, Family, PartMap, find_family, resolve_parts
+from .generic import named_parts, output_head_path, parts_fix
 from .processors import has_torchvision, image_only
 from .tiny import is_tiny, tiny_dir
 
@@ -63,14 +64,13 @@ def pick_dtype(name: str) -> torch.dtype:
 
 @contextlib.contextmanager
 def _quiet_transformers(enabled: bool):
-    """Silence transformers' per-weight init warnings while loading (we summarise them)."""
-    if not enabled:
-        yield
-        return
+    """Silence transformers' per-weight init warnings while loading (we summarise them); with
+    `enabled` false, show transformers' own load report even where the CLI quieted
+    transformers (it sets its verbosity to errors for everything else)."""
     from transformers.utils import logging as hf_logging
 
     old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error() if enabled else hf_logging.set_verbosity(min(old, hf_logging.WARNING))
     try:
         yield
     finally:
@@ -92,6 +92,51 @@ def _hf_config(path: str, mcfg: ModelConfig, where: str):
         raise UserError(where, f"model {path!r} not found locally and could not be fetched ({msg})", "check the id, download it first, or use a local path or tiny:<family>") from None
 
 
+# Auto classes a checkpoint may load through, in this order: the first that knows its config
+# natively (image-text-to-text only: native configs outside it are text-only or contrastive
+# models) or -- with trust_remote_code -- through the repository's own code named in the
+# config's `auto_map` (InternVL: AutoModel / AutoModelForCausalLM; DeepSeek-OCR: AutoModel).
+# Names this transformers lacks (AutoModelForVision2Seq, gone in 5.x) are skipped.
+AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM", "AutoModel")
+
+
+def model_auto_class(hf_cfg: Any, mcfg: ModelConfig, path: str, where: str) -> type:
+    """The transformers auto class that loads this checkpoint (see `AUTO_CLASSES`); a
+    `UserError` when none can: remote code without `trust_remote_code: true`, an `auto_map`
+    naming only other auto classes, or a model that is not image-text-to-text."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    auto_map = getattr(hf_cfg, "auto_map", None) or {}
+    remote = [k for k in auto_map if k.startswith("AutoModel")]
+    classes = [getattr(transformers, n) for n in AUTO_CLASSES if hasattr(transformers, n)]
+    for cls in classes:
+        if mcfg.trust_remote_code and cls.__name__ in auto_map:
+            return cls
+        if cls.__name__ == "AutoModelForImageTextToText" and type(hf_cfg) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+            return cls
+    if remote and not mcfg.trust_remote_code:
+        raise UserError(where, f"{path!r} loads only through its own Python code ({', '.join(remote)} in its config's auto_map)",
+                        "set trust_remote_code: true on this model if you trust the repository")
+    if remote:
+        raise UserError(where, f"{path!r} maps its code only to {', '.join(remote)} (config auto_map), none of which vlmtune loads with this transformers",
+                        f"vlmtune tries {', '.join(c.__name__ for c in classes)}; use a checkpoint or revision whose auto_map names one of them")
+    raise UserError(where, f"{path!r} ({hf_cfg.model_type}) is not an image-text-to-text model", "use a vision-language checkpoint")
+
+
+def model_parts(model: nn.Module, family: Optional[Family], mcfg: ModelConfig, where: str, quiet: bool = False) -> PartMap:
+    """The model's parts: the family's or inspection's, with `models[].parts` applied; where
+    they cannot be told apart and the config names none, the `PartMap.fix` says what to write."""
+    parts = resolve_parts(model, family)
+    if mcfg.parts:
+        return PartMap(named_parts(model, parts.roots, parts.unresolved, mcfg.parts, where), found_by="config")
+    if parts.unresolved:
+        parts.fix = parts_fix(model, where)
+        if parts.fix and not quiet:
+            log.warning("%s: %s: the parts could not be told apart: %s. To train them separately, %s", where, type(model).__name__, parts.unresolved, parts.fix)
+    return parts
+
+
 def load_processor(path: str, family: Optional[Family], mcfg: ModelConfig, where: str = "model"):
     """The family's processor, image-only where its transformers class needs torchvision."""
     from transformers import AutoProcessor, ProcessorMixin
@@ -103,6 +148,10 @@ def load_processor(path: str, family: Optional[Family], mcfg: ModelConfig, where
     else:
         proc = AutoProcessor.from_pretrained(path, trust_remote_code=mcfg.trust_remote_code)
     if not isinstance(proc, ProcessorMixin) or getattr(proc, "image_processor", None) is None:
+        if mcfg.trust_remote_code:  # remote-code VLMs often ship only a tokenizer and preprocess images in their own code
+            raise UserError(where, f"{path!r} has no transformers processor with an image processor (got {type(proc).__name__})",
+                            "vlmtune needs one that expands an image token in the text (e.g. LlavaProcessor with the model's image size and token count, "
+                            "and a chat template): save it with save_pretrained beside the weights (docs/remote-code.md)")
         raise UserError(where, f"{path!r} has no image processor (got {type(proc).__name__})", "is this a vision-language model? set model_type to its family")
     if size_kwargs:
         # Qwen-VL dynamic resolution: bound the pixel count (seed: 224*224) so the number of
@@ -132,6 +181,7 @@ def load_model(
     where: str = "model",
     device_map: Optional[str] = None,
     full_precision_parts: Sequence[str] = (),
+    packing: bool = False,
 ) -> LoadedModel:
     """Load `mcfg.hf_model_id` for training or generation.
 
@@ -142,18 +192,24 @@ def load_model(
     encoder, the projector, the LM head and every part named in `full_precision_parts` (the
     parts the run trains `full`) load in full precision (see `full_precision_roots`). A
     quantized part cannot train fully, so `"llm"` there is refused with a `UserError`.
-    """
-    from transformers import AutoModelForImageTextToText
 
+    `packing` (a padding-free training run): without an `attn_implementation` of the user's,
+    flash attention's varlen kernels where they can keep packed samples apart (see
+    `packing_attention`); transformers' default (sdpa) otherwise.
+    """
     ve = ve or VisualEncoderSettings()
     path = resolve_model_path(mcfg.hf_model_id)
     hf_cfg = _hf_config(path, mcfg, where)
     family = find_family(mcfg.model_type, getattr(hf_cfg, "model_type", None), f"{where}.model_type")
+    auto_class = model_auto_class(hf_cfg, mcfg, path, where)
     dtype = pick_dtype(mcfg.torch_dtype)
     # Weights load from safetensors only: a pickle (.bin/.pt) can run code when unpickled.
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": mcfg.trust_remote_code, "output_loading_info": True, "use_safetensors": True}
     if mcfg.attn_implementation:
         kwargs["attn_implementation"] = mcfg.attn_implementation
+    elif packing and (impl := packing_attention(hf_cfg, family, dtype)):
+        kwargs["attn_implementation"] = impl
+        log.info("%s: training.packing: %s (packed samples kept apart by their position ids)", where, impl)
     bits = quantization_bits(mcfg, where)
     keep: list[str] = []
     if bits:
@@ -164,7 +220,7 @@ def load_model(
         kwargs["device_map"] = device_map
     with _quiet_transformers(ve.suppress_init_warnings):
         try:
-            model, info = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+            model, info = auto_class.from_pretrained(path, **kwargs)
         except OSError as e:
             if "safetensors" in str(e) or ".bin" in str(e):
                 raise UserError(where, f"{path!r} has no safetensors weights (vlmtune does not load pickled .bin/.pt weights: unpickling can run code)",
@@ -174,7 +230,7 @@ def load_model(
             if "Unrecognized configuration class" in str(e):
                 raise UserError(where, f"{path!r} ({hf_cfg.model_type}) is not an image-text-to-text model", "use a vision-language checkpoint") from None
             raise
-    parts = resolve_parts(model, family)
+    parts = model_parts(model, family, mcfg, where)
     if bits:
         check_quantized(model, keep, bits)
         keep_trainable_layout(model)
@@ -184,6 +240,29 @@ def load_model(
     processor = load_processor(path, family, mcfg, where)
     return LoadedModel(model=model, processor=processor, family=family, parts=parts, path=path, newly_initialized=missing,
                        config=mcfg, quant_bits=bits)
+
+
+def packing_attention(hf_cfg: Any, family: Optional[Family], dtype: torch.dtype) -> Optional[str]:
+    """"flash_attention_2" for a packed run when it can keep packed samples apart: on CUDA
+    with `flash_attn` installed, half-precision weights, a family that packs by position ids
+    (flash's varlen kernels take the sample boundaries from them) and a model class that
+    supports it (PaliGemma, Gemma3 and BLIP-2 declare they do not: their masks are not plain
+    causal). None: transformers' default (sdpa, which packs through masks)."""
+    if family is None or family.packing != "position_ids" or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if not torch.cuda.is_available():
+        return None
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    try:
+        cls = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(hf_cfg)]
+    except KeyError:
+        return None
+    return "flash_attention_2" if getattr(cls, "_supports_flash_attn", False) else None
 
 
 def merge_adapter_full_precision(
@@ -249,16 +328,13 @@ def full_precision_roots(
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UserError(key, "bitsandbytes is not installed", "pip install 'vlmtune[quant]'") from None
-    from transformers import AutoModelForImageTextToText
-
     with torch.device("meta"):
-        skeleton = AutoModelForImageTextToText.from_config(hf_cfg, trust_remote_code=mcfg.trust_remote_code)
-    parts = resolve_parts(skeleton, family)
+        skeleton = model_auto_class(hf_cfg, mcfg, str(getattr(hf_cfg, "_name_or_path", "")), where).from_config(hf_cfg, trust_remote_code=mcfg.trust_remote_code)
+    parts = model_parts(skeleton, family, mcfg, where, quiet=True)
     roots = [r for p in ("vision", "projector", *full_precision_parts) for r in parts.roots.get(p, [])]
-    names = {id(m): n for n, m in skeleton.named_modules()}
-    head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
-    if head is not None and id(head) in names:
-        roots.append(names[id(head)])
+    head = output_head_path(skeleton)
+    if head:
+        roots.append(head)
     # A weight shared by two modules (tied embeddings) must keep one dtype for both.
     tied = getattr(skeleton, "all_tied_weights_keys", None) or {}
     roots += [k.removesuffix(".weight") for pair in tied.items() for k in pair]

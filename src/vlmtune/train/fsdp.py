@@ -119,9 +119,10 @@ def shard_model(model: nn.Module, fsdp: str, fsdp_config: Optional[dict[str, Any
     fully_shard(model, **kwargs)
     # accelerate leaves a prepared model alone: no DDP around the shards
     model._is_accelerate_prepared = True
-    here, whole = local_numel(model)
-    log.info("FSDP2: rank %d holds %d of %d parameter elements (%.1f%%)", dist.rank(), here, whole, 100.0 * here / max(whole, 1))
+    held = dist.gather(local_numel(model))  # every rank's share, logged by rank 0 (one line per rank, once per job)
     if dist.is_main():
+        for r, (here, whole) in enumerate(held):
+            log.info("FSDP2: rank %d holds %d of %d parameter elements (%.1f%%)", r, here, whole, 100.0 * here / max(whole, 1))
         log.info("FSDP2 over %d processes: %d blocks (%s) + root, %s", dist.world_size(), n, ", ".join(sorted(classes)) or "none",
                  "resharded after forward" if kwargs["reshard_after_forward"] else "kept gathered until backward")
     return model

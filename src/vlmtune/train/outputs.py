@@ -12,6 +12,7 @@ import torch
 from .. import dist
 from ..models.loading import LoadedModel, merge_adapter_full_precision
 from .rundir import RunDir, save_dirs_atomically
+from .throughput import THROUGHPUT_KEYS
 
 
 def loss_history(log_history: list[dict]) -> dict[str, Any]:
@@ -27,8 +28,9 @@ def loss_history(log_history: list[dict]) -> dict[str, Any]:
     train = [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate"), "epoch": h.get("epoch")} for h in log_history if "loss" in h]
     evals = [{"step": h["step"], "eval_loss": h["eval_loss"], "epoch": h.get("epoch")} for h in log_history if "eval_loss" in h]
     summary = next((h for h in reversed(log_history) if "train_runtime" in h), {})
+    rates = [{"step": h["step"], **{k: h[k] for k in THROUGHPUT_KEYS if k in h}} for h in log_history if "loss" in h and "tokens_per_second" in h]
     skipped = [{"step": h["nan_skipped_step"], "reason": h.get("reason"), "samples": h.get("samples", [])} for h in log_history if "nan_skipped_step" in h]
-    return {"train_loss_history": train, "eval_loss_history": evals, "train_summary": summary,
+    return {"train_loss_history": train, "eval_loss_history": evals, "throughput_history": rates, "train_summary": summary,
             "skipped_nan_batches": {"count": len(skipped), "steps": [b["step"] for b in skipped], "batches": skipped}}
 
 
@@ -36,6 +38,9 @@ def run_metrics(trainer: Any, resume: Optional[str], train_seconds: float, **fie
     """What every recipe's `metrics.json` holds: the loss curves, the final losses, steps,
     time, memory and world size; `fields` add the recipe's own (they win)."""
     hist = loss_history(trainer.state.log_history)
+    meter = getattr(trainer, "throughput", None)
+    if meter is not None:
+        meter.sync()  # a collective: every rank calls run_metrics
     final_loss = hist["train_loss_history"][-1]["loss"] if hist["train_loss_history"] else hist["train_summary"].get("train_loss")
     return {
         **hist,
@@ -46,6 +51,7 @@ def run_metrics(trainer: Any, resume: Optional[str], train_seconds: float, **fie
         "resumed_from": resume,
         "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
         "peak_memory": peak_memory(),
+        "throughput": meter.summary() if meter is not None else None,
         "world_size": dist.world_size(),
         **fields,
     }

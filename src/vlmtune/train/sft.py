@@ -22,18 +22,19 @@ import torch
 
 from .. import dist
 from ..config import Config, LoraConfig, ModelConfig
-from ..data.collate import Collator, Encoder, SFTDataset
+from ..data.collate import Encoder, SFTDataset
 from ..data.sources import Sample
 from ..errors import UserError
 from ..models.loading import LoadedModel, load_model, pick_dtype, quantization_bits
 from .adapt import apply_plan
 from .args import check_deepspeed, training_arguments
 from .fsdp import check_fsdp, shard_model
+from . import loggers
 from .outputs import run_metrics, save_outputs
 from .plan import Plan, describe_plan, format_report, parameter_report, plan_parts
 from .precision import cast_trainables, check_precision, check_resume_dtype, trainable_dtype
 from .rundir import RunDir, check_writable, resolved_run_config, run_name
-from .samples import IndexCarryingCollator, IndexedDataset
+from .packing import training_data
 from .trainer import VlmTrainer
 
 log = logging.getLogger("vlmtune")
@@ -43,12 +44,14 @@ __all__ = ["train_run", "prepare_model", "preflight", "fit", "finish", "check_pr
 
 def preflight(cfg: Config, mcfg: ModelConfig, where: str) -> None:
     """Refuse, before anything loads, what cannot run here: precisions, FSDP in one process,
-    DeepSpeed without a GPU, an output folder that cannot be written."""
+    DeepSpeed without a GPU, an output folder that cannot be written, a `report_to` logger
+    that is not installed."""
     check_precision(cfg, mcfg, where)
     check_fsdp(cfg.training.fsdp, cfg.training.fsdp_config, quantized=bool(mcfg.load_in_4bit or mcfg.load_in_8bit))
     if cfg.training.deepspeed:
         check_deepspeed(cfg.training.deepspeed)
     check_writable(cfg.resolved_output_dir())
+    loggers.preflight(cfg)
 
 
 def prepare_model(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, where: str) -> tuple[LoadedModel, torch.nn.Module, Plan]:
@@ -62,7 +65,8 @@ def prepare_model(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, where: st
         raise UserError(f"{where}.load_in_{bits}bit", f"no part trains with LoRA ({describe_plan(plan)}), and a {bits}-bit model trains only through LoRA adapters",
                         f"train the llm with lora (training_mode: llm or both), or set load_in_{bits}bit: false")
     # QLoRA: only the LLM's linear layers are quantized; what trains fully stays full precision
-    lm = load_model(mcfg, cfg.visual_encoder_settings, where, full_precision_parts=[p for p, pp in plan.items() if pp.train == "full"])
+    lm = load_model(mcfg, cfg.visual_encoder_settings, where, full_precision_parts=[p for p, pp in plan.items() if pp.train == "full"],
+                    packing=cfg.training.packing)
     model = apply_plan(lm.model, lm.parts, lm.family, plan, variant)
     cast_trainables(model, trainable_dtype(pick_dtype(mcfg.torch_dtype), cfg.training.mixed_precision))
     return lm, model, plan
@@ -132,8 +136,10 @@ def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples
     train_ds = SFTDataset(train_samples, encoder, cfg.data.max_length, cfg.data.on_overlength, "train")
     want_eval = cfg.training.eval_strategy != "no"
     if want_eval and not val_samples:
-        raise UserError("training.eval_strategy", f"{cfg.training.eval_strategy!r} needs validation data", "set data.val_csv / data.val_jsonl or eval_strategy: no")
+        raise UserError("training.eval_strategy", f"{cfg.training.eval_strategy!r} needs validation data", "set data.val_file (or val_csv / val_jsonl), or eval_strategy: no")
     val_ds = SFTDataset(val_samples, encoder, cfg.data.max_length, cfg.data.on_overlength, "val") if want_eval else None
+    # training.packing: bins of samples in padding-free rows (train/packing.py), or padded
+    train_set, collator, sample_ids, packed = training_data(cfg, lm, train_ds, f"run {name}")
 
     # 3. The run directory appears only now, with the model loaded, the plan applied and the
     # data encoded (each a place where a user error can still surface).
@@ -144,17 +150,22 @@ def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples
     # 4. Train.
     args = training_arguments(cfg, rd.checkpoints, name, val_ds is not None)
     trainer = VlmTrainer(
-        model=model, args=args, train_dataset=IndexedDataset(train_ds), eval_dataset=val_ds,
-        data_collator=IndexCarryingCollator(Collator(lm.processor.tokenizer.pad_token_id)),
+        model=model, args=args, train_dataset=train_set, eval_dataset=val_ds,
+        data_collator=collator,
         part_map=lm.parts, part_plan=plan,
-        nan_policy=cfg.training.nan_policy, sample_ids=[s.id for s in train_ds.samples], run_label=f"run {name}",
+        nan_policy=cfg.training.nan_policy, sample_ids=sample_ids, run_label=f"run {name}",
+        image_token_id=encoder.image_token_id,
+        lean_loss=cfg.training.lean_loss, loss_chunk_size=cfg.training.loss_chunk_size,
+        sample_lengths=train_ds.lengths if cfg.training.group_by_length and packed is None else None,
     )
     for cb in callbacks or []:
         trainer.add_callback(cb)
-    resume, train_seconds = fit(trainer, rd, cfg, model, name, where)
+    with loggers.logging_to(trainer, cfg, rd, name, resolved_run_config(cfg, mcfg, variant)):  # report_to: where, what
+        resume, train_seconds = fit(trainer, rd, cfg, model, name, where)
 
     # 5. Outputs; metrics.json last: its presence says the outputs beside it are complete.
     metrics = run_metrics(trainer, resume, train_seconds, n_train_samples=len(train_ds), skipped_overlength=len(train_ds.skipped),
+                          packed_rows=len(packed) if packed is not None else None,
                           **(extra_metrics or {}))
     merged = finish(model, lm, rd, metrics, name, rebuild=lambda: prepare_model(cfg, mcfg, variant, where)[1])
     return {"run": name, "run_dir": str(rd), "model": merged, "loaded": lm, "encoder": encoder, "metrics": metrics}

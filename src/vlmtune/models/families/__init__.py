@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+import torch
 import torch.nn as nn
 
 from ...errors import UserError
@@ -71,6 +72,20 @@ class Family:
     than they return (PaliGemma's prefix/suffix token_type_ids). `spans`: each text's
     supervised character spans (None for generation prompts). Offsets must stay relative to
     the given text, as transformers reports them."""
+    packing: Optional[str] = None
+    """How samples packed into one row are kept apart (`training.packing`, data/packing.py):
+    "position_ids" (positions restart at each sample; transformers' attention, flash
+    attention's varlen kernels included, separates the samples from them) or "mask" (an
+    explicit attention mask from `packed_inputs`; sdpa/eager only). None: the family cannot
+    pack and trains padded."""
+    packed_inputs: Optional[Callable[[nn.Module, list[dict[str, Any]], list[int]], dict[str, Any]]] = None
+    """(model, each sample's features, their lengths) -> model inputs of the packed row that
+    depend on the model and override the generic ones (per-sample positions [1, T]): Qwen's
+    per-sample M-RoPE positions, BLIP-2's or Gemma3's attention masks, PaliGemma's 1-indexed
+    positions."""
+    cannot_pack: Optional[Callable[[nn.Module], Optional[str]]] = None
+    """model -> why this model of the family cannot pack (e.g. BLIP-2 with a T5 LLM), None if
+    it can."""
 
     def never_trained_in(self, model: nn.Module) -> tuple[str, ...]:
         """Every parameter-name prefix of `model` that can never receive a gradient."""
@@ -85,6 +100,30 @@ class Family:
         if lo > hi:
             raise UserError("models[].min_pixels", f"min_pixels {lo} > max_pixels {hi}", "make min_pixels <= max_pixels")
         return {"size": {"shortest_edge": lo, "longest_edge": hi}}
+
+
+def packed_sequence_index(lengths: list[int]) -> torch.Tensor:
+    """[T]: the sample each position of a packed row belongs to (0, 0, ..., 1, 1, ...)."""
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+def block_causal_mask(lengths: list[int]) -> torch.Tensor:
+    """[1, 1, T, T] bool: causal attention within each sample of a packed row, none across."""
+    seq = packed_sequence_index(lengths)
+    causal = torch.ones(seq.numel(), seq.numel(), dtype=torch.bool).tril()
+    return (causal & (seq[:, None] == seq[None, :]))[None, None]
+
+
+def attention_mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """A ready 4-D attention mask (True = may attend) in the form `model`'s attention backend
+    takes it as is: bool for sdpa, additive (0 / dtype min) for eager, which adds the mask to
+    the attention scores."""
+    impl = getattr(model.config.get_text_config(), "_attn_implementation", None) or getattr(model.config, "_attn_implementation", None)
+    if impl != "eager":
+        return allowed
+    dtype = getattr(model, "dtype", None)
+    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -135,7 +174,11 @@ class PartMap:
     """Why the parts of a model without a family could not be told apart ("" = they could);
     then every parameter counts as `llm` and only `training_mode: both` is possible."""
     found_by: str = "family"
-    """`family` (the spec's paths) or `inspection` (models/generic.py)."""
+    """`family` (the spec's paths), `inspection` (models/generic.py) or `config` (some named
+    in `models[].parts`)."""
+    fix: str = ""
+    """How to make the parts trainable separately when they could not be told apart (the
+    `models[].parts` to write, suggested from the model's modules); "" = no suggestion."""
 
     def part_of(self, name: str) -> str:
         best, best_len = "other", -1

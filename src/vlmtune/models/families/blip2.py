@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch.nn as nn
 
 from ...errors import UserError
-from . import Family, register
+from . import Family, attention_mask_for, block_causal_mask, register
 
 # "Question: {q} Answer: {a}\n" per turn; images are never written (the processor prepends
 # the query tokens itself). A system message, if any, leads the text.
@@ -77,6 +77,19 @@ def process_blip2(processor: Any, kwargs: dict[str, Any], spans: Optional[list] 
         offsets = out["offset_mapping"]
         offsets[out["input_ids"] == image_id] = 0
     return out
+
+
+def packed_attention_mask(model: nn.Module, features: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
+    """A packed row's attention: causal within each sample, none across, as an explicit 4-D
+    mask. BLIP-2's forward replaces a missing attention mask by all ones, so transformers
+    never gets to separate the samples by their positions."""
+    return {"attention_mask": attention_mask_for(model, block_causal_mask(lengths))}
+
+
+def cannot_pack_blip2(model: nn.Module) -> Optional[str]:
+    if not getattr(model.config, "use_decoder_only_language_model", True):
+        return "BLIP-2 with an encoder-decoder LLM (Flan-T5) cannot pack"
+    return None
 
 
 def build_blip2():
@@ -132,5 +145,8 @@ register(
         chat_template=BLIP2_CHAT_TEMPLATE,
         process=process_blip2,
         build_tiny=build_blip2,
+        packing="mask",
+        packed_inputs=packed_attention_mask,
+        cannot_pack=cannot_pack_blip2,
     )
 )

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import LLM_TARGETS, Family, register
+from . import LLM_TARGETS, Family, attention_mask_for, packed_sequence_index, register
 
 # google/gemma-3-*-it's chat template, verbatim.
 GEMMA3_CHAT_TEMPLATE = (
@@ -80,6 +80,30 @@ def unused_vision_head(model: nn.Module) -> tuple[str, ...]:
     patch features, never the pooled output."""
     head = f"{VISION}.vision_model.head."
     return (head,) if any(n.startswith(head) for n, _ in model.named_parameters()) else ()
+
+
+def packed_attention_masks(model: nn.Module, features: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
+    """A packed row's attention, one ready mask per layer type (Gemma3Model takes the dict
+    as is): `full_attention` = same sample and (causal, or both tokens in the same image:
+    images are read bidirectionally); `sliding_attention` = that and less than
+    `sliding_window` tokens back.
+
+    transformers' own packed path (positions restarting per sample, no mask) gets the sliding
+    layers' mask wrong: it passes the image-block overlay as an extra mask function, which is
+    then remapped to the per-sample positions like the causal one and so looks at the wrong
+    tokens' image blocks (transformers 5.24, modeling_gemma3.create_masks_for_vision_model).
+    """
+    seq = packed_sequence_index(lengths)
+    idx = torch.arange(seq.numel())
+    is_img = torch.cat([torch.as_tensor(f["token_type_ids"]).reshape(-1) for f in features]) == 1
+    starts = is_img & ~torch.nn.functional.pad(is_img, (1, 0))[:-1]
+    block = torch.where(is_img, starts.cumsum(0), -1)  # one id per image, -1 for text
+    same_image = (block[:, None] == block[None, :]) & (block[:, None] >= 0)
+    full = (seq[:, None] == seq[None, :]) & ((idx[:, None] >= idx[None, :]) | same_image)
+    window = model.config.get_text_config().sliding_window
+    sliding = full & ((idx[:, None] - idx[None, :]) < window) if window else full
+    return {"attention_mask": {"full_attention": attention_mask_for(model, full[None, None]),
+                               "sliding_attention": attention_mask_for(model, sliding[None, None])}}
 
 
 def _gemma3_processor() -> type:
@@ -147,5 +171,7 @@ register(
         nested_images=True,
         image_token="<image_soft_token>",
         build_tiny=build_gemma3,
+        packing="mask",
+        packed_inputs=packed_attention_masks,
     )
 )

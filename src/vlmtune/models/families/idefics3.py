@@ -121,5 +121,6 @@ register(
         processor_class=_idefics3_processor,
         image_markup="<image>",
         build_tiny=build_idefics3,
+        packing="position_ids",
     )
 )

@@ -98,5 +98,6 @@ register(
         unused_by_config=lambda model: unused_vision_layers(model, "model.vision_tower.encoder.layers"),
         image_markup="<image>\n",
         build_tiny=build_llava_next,
+        packing="position_ids",
     )
 )

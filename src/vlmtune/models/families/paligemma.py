@@ -115,6 +115,13 @@ def process_paligemma(processor: Any, kwargs: dict[str, Any], spans: Optional[li
     return out
 
 
+def packed_positions(model: nn.Module, features: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
+    """Positions of a packed row: PaliGemma counts them from 1 (its forward adds 1 when it
+    makes them itself), restarting at each sample. transformers separates the samples by
+    them and applies each sample's own prefix block (token_type_ids) within it."""
+    return {"position_ids": torch.cat([torch.arange(1, n + 1) for n in lengths])[None]}
+
+
 def build_paligemma():
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
 
@@ -171,5 +178,7 @@ register(
         chat_template=PALIGEMMA_CHAT_TEMPLATE,
         process=process_paligemma,
         build_tiny=build_paligemma,
+        packing="position_ids",
+        packed_inputs=packed_positions,
     )
 )

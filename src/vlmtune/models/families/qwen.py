@@ -8,7 +8,32 @@ builds an image-only subclass.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+import torch.nn as nn
+
 from . import LLM_TARGETS, Family, register
+
+
+def packed_mrope_positions(model: nn.Module, features: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
+    """M-RoPE positions of a packed row (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): each sample's rope
+    index computed as for that sample alone (`get_rope_index`, which reads only the config),
+    concatenated, with the per-sample text positions prepended as row 0 -> [4, 1, T].
+
+    Qwen*VLTextModel reads a 4-row position tensor as (text, temporal, height, width) and
+    separates packed samples by the text row (where positions restart); in the plain 3-row
+    form it does not look for packed samples at all, and they would attend to each other.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = inner.model  # Qwen*VLModel, which owns get_rope_index
+    rows = []
+    for f in features:
+        grid = {"image_grid_thw": f["image_grid_thw"]} if f.get("image_grid_thw") is not None else {}
+        pos, _ = inner.get_rope_index(f["input_ids"][None], f["mm_token_type_ids"][None], **grid)
+        rows.append(pos.cpu())
+    text = torch.cat([torch.arange(n) for n in lengths])[None, None]
+    return {"position_ids": torch.cat([text, torch.cat(rows, dim=-1)], dim=0)}
 
 
 def _qwen2_5_vl_processor() -> type:
@@ -126,6 +151,8 @@ register(
         dynamic_resolution=True,
         image_markup="<|vision_start|><|image_pad|><|vision_end|>",
         build_tiny=build_qwen2_5_vl,
+        packing="position_ids",
+        packed_inputs=packed_mrope_positions,
     )
 )
 register(
@@ -141,5 +168,7 @@ register(
         dynamic_resolution=True,
         image_markup="<|vision_start|><|image_pad|><|vision_end|>",
         build_tiny=build_qwen2_vl,
+        packing="position_ids",
+        packed_inputs=packed_mrope_positions,
     )
 )

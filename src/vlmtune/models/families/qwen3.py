@@ -21,6 +21,7 @@ system prompt (unlike Qwen2-VL's).
 from __future__ import annotations
 
 from . import LLM_TARGETS, Family, register
+from .qwen import packed_mrope_positions
 
 
 def _qwen3_vl_processor() -> type:
@@ -218,5 +219,7 @@ register(
         dynamic_resolution=True,
         image_markup="<|vision_start|><|image_pad|><|vision_end|>",
         build_tiny=build_qwen3_vl,
+        packing="position_ids",
+        packed_inputs=packed_mrope_positions,
     )
 )

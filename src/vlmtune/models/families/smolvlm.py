@@ -107,5 +107,6 @@ register(
         nested_images=True,
         image_markup="<image>",
         build_tiny=build_smolvlm,
+        packing="position_ids",
     )
 )
