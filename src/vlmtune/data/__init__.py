@@ -1,1 +1,1 @@
-"""Data: sources (CSV/JSONL -> Samples), images, and encoding (chat template, labels, padding)."""
+"""Data: sources (CSV, JSON/JSONL, Parquet, Arrow, `datasets` -> Samples), images, and encoding (chat template, labels, padding)."""

@@ -4,8 +4,10 @@ Users lose hours to a corrupt image at sample 40,000 or a missing column found a
 model loaded. Here every data file of a config is read in one pass that *collects* problems
 instead of stopping at the first:
 
-- files: text that is not UTF-8 (with or without a byte-order mark) or UTF-16/32 with one,
-  CSV quoting that does not parse (data/sources.py `read_text`, `csv_rows`);
+- files, in every format data/sources.py reads (CSV, JSON arrays, JSONL, Parquet, Arrow,
+  `datasets`): text that is not UTF-8 (with or without a byte-order mark) or UTF-16/32 with
+  one, CSV quoting that does not parse (`read_text`, `csv_rows`), JSON that is not an array
+  of records, tables without the (mapped) columns;
 - rows: missing/empty fields, JSON that does not parse, conversations without an assistant
   turn, placeholder/image count mismatches (data/sources.py);
 - images: missing, outside their root, unsupported format, zero-size or absurd dimensions,
@@ -21,6 +23,7 @@ supervised tokens.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import statistics
@@ -32,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import Config
 from ..errors import UserError
-from .images import ImagePolicy, is_remote
+from .images import ImageBytes, ImagePolicy, ImageRef, is_remote
 from .sources import Sample, load_split
 
 log = logging.getLogger("vlmtune")
@@ -88,16 +91,16 @@ class Report:
         }
 
 
-def inspect_image(path: str, full_decode: bool, policy: ImagePolicy = ImagePolicy()) -> Optional[str]:
-    """What is wrong with the image at `path` (None: nothing). Reads the header; decodes the
-    pixels only when `full_decode` (to catch truncated files). `policy` (the sample's) sets
-    the pixel cap."""
+def inspect_image(path: ImageRef, full_decode: bool, policy: ImagePolicy = ImagePolicy()) -> Optional[str]:
+    """What is wrong with the image at `path` (a file, or `ImageBytes` held in memory; None:
+    nothing). Reads the header; decodes the pixels only when `full_decode` (to catch truncated
+    files). `policy` (the sample's) sets the pixel cap."""
     if is_remote(path):
         return None  # fetched (size-capped, pixel-capped) when loaded; nothing to read here
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(path.data) if isinstance(path, ImageBytes) else path) as im:
                 w, h = im.size
                 fmt = im.format
                 if fmt not in SUPPORTED_FORMATS:
@@ -123,6 +126,8 @@ def inspect_image(path: str, full_decode: bool, policy: ImagePolicy = ImagePolic
 
 
 def _image_field(sample: Sample, k: int) -> str:
+    if k < len(sample.image_fields):
+        return sample.image_fields[k]  # the row's own field or column (data/sources.py)
     return "images" if len(sample.images) == 1 else f"images[{k}]"
 
 
@@ -137,7 +142,7 @@ def check_images(samples: list[Sample], full_decode: bool, image_column: str = "
             if key not in seen:
                 seen[key] = inspect_image(p, full_decode, s.image_policy)
             if seen[key]:
-                field_name = image_column if s.origin.rsplit(":", 1)[0].endswith(".csv") else _image_field(s, k)
+                field_name = _image_field(s, k) if s.image_fields or not s.origin.rsplit(":", 1)[0].endswith(".csv") else image_column
                 problems.append(Problem(f"{s.origin or s.id}: {field_name}", f"{seen[key]} ({p})", "replace or remove the image, or drop the row"))
                 bad = True
         if not bad:

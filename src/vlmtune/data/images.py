@@ -11,14 +11,20 @@ configs in one process load with their own settings.
   nor fill the memory.
 - An image with more pixels than `data.max_image_pixels` is refused from its header, never
   decoded (decompression bombs, and images far larger than training needs).
+
+An image reference (`ImageRef`) is a path or URL (`str`), or an image held in memory
+(`ImageBytes`: a dataset's image column, a `data:` URI), which every loader here reads alike.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import urllib.parse
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
 
 from PIL import Image, UnidentifiedImageError
 
@@ -55,8 +61,45 @@ class ImagePolicy:
         return f"{w}x{h} = {w * h:,} pixels, more than data.max_image_pixels ({self.max_image_pixels:,}): refused unread"
 
 
-def is_remote(path: str) -> bool:
-    return path.startswith(("http://", "https://"))
+@dataclass(frozen=True)
+class ImageBytes:
+    """An encoded image (PNG, JPEG, ...) held in memory: a Parquet/Arrow/`datasets` image
+    column's bytes, or a decoded `data:` URI. `label` names it in messages (`str()` gives
+    it), e.g. the file name the dataset stored beside the bytes."""
+
+    data: bytes = field(repr=False)
+    label: str
+
+    def __str__(self) -> str:
+        return self.label
+
+
+ImageRef = Union[str, ImageBytes]
+"""What `Sample.images` holds: a resolved local path, an http(s) URL, or `ImageBytes`."""
+
+
+def is_remote(path: ImageRef) -> bool:
+    return isinstance(path, str) and path.startswith(("http://", "https://"))
+
+
+def is_data_uri(path: object) -> bool:
+    return isinstance(path, str) and path[:5].lower() == "data:"
+
+
+def decode_data_uri(uri: str, where: str) -> ImageBytes:
+    """The image in a `data:[<mediatype>][;base64],<data>` URI (OpenAI-style `image_url`
+    parts), or one line saying why it does not decode."""
+    head, sep, payload = uri.partition(",")
+    short = f"{uri[:40]}..." if len(uri) > 40 else uri
+    if not sep:
+        raise UserError(where, f"data: URI {short!r} has no ',' before its data", "write data:image/png;base64,<base64 bytes>")
+    try:
+        data = base64.b64decode(payload, validate=True) if head.lower().endswith(";base64") else urllib.parse.unquote_to_bytes(payload)
+    except (binascii.Error, ValueError) as e:
+        raise UserError(where, f"data: URI {short!r} is not valid base64 ({e})", "re-encode the image (base64 of the file's bytes)") from None
+    if not data:
+        raise UserError(where, "data: URI holds no bytes", "put the base64 of the image file after the comma")
+    return ImageBytes(data, f"{head[5:] or 'data'} URI ({len(data):,} bytes)")
 
 
 def fetch(url: str, where: str, policy: ImagePolicy) -> bytes:
@@ -83,25 +126,28 @@ def fetch(url: str, where: str, policy: ImagePolicy) -> bytes:
     return data
 
 
-def load_image(path: str, where: str = "", policy: ImagePolicy = ImagePolicy()) -> Image.Image:
-    """Open `path` (or a URL, fetched as `policy` allows) as an RGB PIL image. A file that
-    does not decode is a one-line UserError, and so is an image over the policy's pixel cap
-    (refused from its header, not decoded)."""
-    where = where or path
+def load_image(path: ImageRef, where: str = "", policy: ImagePolicy = ImagePolicy()) -> Image.Image:
+    """Open `path` (a file, a URL fetched as `policy` allows, or `ImageBytes`) as an RGB PIL
+    image. A file that does not decode is a one-line UserError, and so is an image over the
+    policy's pixel cap (refused from its header, not decoded)."""
+    where = where or str(path)
     try:
-        src = io.BytesIO(fetch(path, where, policy)) if is_remote(path) else path
+        if isinstance(path, ImageBytes):
+            src: Union[str, io.BytesIO] = io.BytesIO(path.data)
+        else:
+            src = io.BytesIO(fetch(path, where, policy)) if is_remote(path) else path
         with warnings.catch_warnings():
             # The cap is ours (policy.max_image_pixels); PIL still refuses twice its own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(src) as im:
                 over = policy.too_many_pixels(*im.size)
                 if over:
-                    raise UserError(where, f"image {path!r} has {over}", "resize the image, or raise data.max_image_pixels")
+                    raise UserError(where, f"image {str(path)!r} has {over}", "resize the image, or raise data.max_image_pixels")
                 im.load()
                 return im.convert("RGB")
     except FileNotFoundError:
-        raise UserError(where, f"image {path!r} does not exist", "fix the path") from None
+        raise UserError(where, f"image {str(path)!r} does not exist", "fix the path") from None
     except Image.DecompressionBombError as e:
-        raise UserError(where, f"image {path!r} refused as a possible decompression bomb ({e}; data.max_image_pixels: {policy.max_image_pixels:,})", "resize the image") from None
+        raise UserError(where, f"image {str(path)!r} refused as a possible decompression bomb ({e}; data.max_image_pixels: {policy.max_image_pixels:,})", "resize the image") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise UserError(where, f"image {path!r} cannot be decoded ({e})", "replace the file or drop the sample") from None
+        raise UserError(where, f"image {str(path)!r} cannot be decoded ({e})", "replace the file or drop the sample") from None

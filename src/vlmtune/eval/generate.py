@@ -115,6 +115,27 @@ def _end_token_ids(encoder: Encoder) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def generation_defaults(encoder: Encoder, settings: GenerationSettings) -> dict[str, Any]:
+    """`settings` and the end tokens evaluation stops at, as `GenerationConfig` fields: what an
+    exported model's `generation_config.json` holds, so transformers' `generate` and vLLM
+    decode like `vlmtune evaluate` by default. Without sampling, the sampling knobs a base
+    model's own generation config may carry (Qwen-VL's temperature, top_k, top_p) are cleared:
+    greedy and beam search ignore them, and transformers refuses to save them beside
+    `do_sample: false`."""
+    cleared = {} if settings.do_sample else {"temperature": None, "top_p": None, "top_k": None, "min_p": None, "typical_p": None}
+    return {**cleared, **settings.kwargs(), "eos_token_id": _end_token_ids(encoder), "pad_token_id": encoder.tokenizer.pad_token_id}
+
+
+def new_tokens(gen: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """The generated part of `generate`'s output [batch, T]: transformers' models return the
+    prompt [batch, P] followed by the answer; some remote code (InternVL's `generate`, which
+    generates from the prompt's embeddings) returns the answer only."""
+    p = prompt_ids.shape[1]
+    if gen.shape[1] >= p and torch.equal(gen[:, :p], prompt_ids.to(gen.device)):
+        return gen[:, p:]
+    return gen
+
+
 @torch.no_grad()
 def generate_batches(model: torch.nn.Module, encoder: Encoder, samples: list[Sample], batch_size: int, settings: GenerationSettings,
                      style: Optional[PromptStyle] = None) -> Iterable[list[dict[str, Any]]]:
@@ -128,14 +149,13 @@ def generate_batches(model: torch.nn.Module, encoder: Encoder, samples: list[Sam
         images = [[load_image(p, f"{s.id}: image", s.image_policy) for p in s.images] for s in batch]
         inputs = encoder.encode_prompts([build_prompt(encoder, s, style) for s in batch], images).to(device)
         gen = model.generate(**inputs, **settings.kwargs(), eos_token_id=eos, pad_token_id=tok.pad_token_id)
-        prompt_len = inputs["input_ids"].shape[1]
         records = []
-        for s, row, mask in zip(batch, gen[:, prompt_len:], inputs["attention_mask"]):
+        for s, row, mask in zip(batch, new_tokens(gen, inputs["input_ids"]), inputs["attention_mask"]):
             # Generated tokens up to and including the first end token (the rest is padding).
             ids = row.tolist()
             n = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
             records.append({
-                "id": s.id, "image": s.images[0] if s.images else None, "query": s.query,
+                "id": s.id, "image": str(s.images[0]) if s.images else None, "query": s.query,
                 "prediction": tok.decode(ids[:n], skip_special_tokens=True).strip(),
                 "references": s.references, "n_prompt_tokens": int(mask.sum()), "n_generated_tokens": n,
             })

@@ -23,7 +23,7 @@ import torch
 
 from ..config import Config, DataConfig, ModelConfig, config_from_dict
 from ..data.collate import Encoder
-from ..data.sources import ImageResolver, Sample, jsonl_lines, read_csv, read_jsonl, resolve_data_path
+from ..data.sources import Sample, jsonl_lines, load_data_file
 from ..errors import UserError
 from ..io import atomic_write_json
 from ..train.rundir import RunDir
@@ -54,7 +54,7 @@ def read_run_config(run_dir: Path) -> Config:
     return config_from_dict(raw, str(path), str(run_dir))
 
 
-def find_run_dir(run: str) -> Path:
+def find_run_dir(run: str, where: str = "--run") -> Path:
     """A run directory, or a run name (`<model>__<variant>`) found under ./results/*/."""
     p = Path(run)
     if p.is_dir():
@@ -64,8 +64,8 @@ def find_run_dir(run: str) -> Path:
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
-            raise UserError("--run", f"{run!r} names several runs: {', '.join(map(str, hits))}", "pass the run directory")
-    raise UserError("--run", f"run directory {run!r} not found", "pass the folder `vlmtune train` made (results/<experiment>/<model>__<variant>)")
+            raise UserError(where, f"{run!r} names several runs: {', '.join(map(str, hits))}", "pass the run directory")
+    raise UserError(where, f"run directory {run!r} not found", "pass the folder `vlmtune train` made (results/<experiment>/<model>__<variant>)")
 
 
 def _device() -> torch.device:
@@ -85,13 +85,15 @@ def _with_adapter(base: torch.nn.Module, adapter: Path, where: str) -> torch.nn.
         raise UserError(where, f"adapter {adapter} does not fit this base model ({str(e).splitlines()[0][:160]})", "pass the base model the adapter was trained on (--model-id)") from None
 
 
-def load_run(run_dir: Path, weights: str = "auto") -> EvalModel:
+def load_run(run_dir: Path, weights: str = "auto", dtype: Optional[str] = None, device: Optional[str] = None) -> EvalModel:
+    """A run's model: `final/` or `lora_adapter/` merged onto its base (`weights`), in the
+    run's `torch_dtype` unless `dtype` names one, on the GPU when there is one unless `device`."""
     from ..models.loading import load_model
 
     cfg = read_run_config(run_dir)
     # A QLoRA run trained on a 4/8-bit base, but its final/ is full precision and its adapter
     # belongs on the full-precision base: merging into quantized weights would round it away.
-    mcfg = dataclasses.replace(cfg.models[0], load_in_4bit=False, load_in_8bit=False)
+    mcfg = dataclasses.replace(cfg.models[0], load_in_4bit=False, load_in_8bit=False, **({"torch_dtype": dtype} if dtype else {}))
     final, adapter = RunDir(run_dir).final, RunDir(run_dir).lora_adapter
     use_final = weights == "final" or (weights == "auto" and (final / "config.json").is_file())
     if use_final:
@@ -112,7 +114,7 @@ def load_run(run_dir: Path, weights: str = "auto") -> EvalModel:
             mcfg = dataclasses.replace(mcfg, hf_model_id=base)
         lm = load_model(mcfg, cfg.visual_encoder_settings, "--run")
         model, desc = _with_adapter(lm.model, adapter, "--run"), describe_weights(adapter)
-    return EvalModel(model.to(_device()), Encoder(lm.processor, lm.family), desc, cfg)
+    return EvalModel(model.to(torch.device(device) if device else _device()), Encoder(lm.processor, lm.family), desc, cfg)
 
 
 def load_model_id(model_id: str, lora_path: Optional[str], model_type: Optional[str], dtype: str = "auto",
@@ -143,14 +145,14 @@ def eval_data_config(image_column: str, query_column: Optional[str], annotation_
     )
 
 
-def load_eval_samples(path: str, data: DataConfig, where: str) -> list[Sample]:
+def load_eval_samples(path: str, data: DataConfig, where: str, fmt: Optional[str] = None) -> list[Sample]:
+    """Evaluation samples of a data file in any format (told by the extension and content
+    unless `fmt`), images checked as before training."""
     from ..data.check import check_images, refuse
 
-    p = resolve_data_path(path, None, where)
-    resolver = ImageResolver.for_config(p, data, None)
-    samples = read_jsonl(p, data, resolver) if p.suffix.lower() in (".jsonl", ".json") else read_csv(p, data, resolver)
+    samples = load_data_file(path, data, where, fmt)
     if not samples:
-        raise UserError(str(p), "no samples", "add rows")
+        raise UserError(path, "no samples", "add rows")
     # The same gate as training: every image header read before the model loads.
     _, problems = check_images(samples, full_decode=False, image_column=data.image_column)
     if problems:
