@@ -98,6 +98,8 @@ def run_entry(cfg: Config, result: dict[str, Any]) -> dict[str, Any]:
     }
     if result["status"] != "complete":
         entry["error"] = result.get("error")
+        if result.get("attempts"):  # --launcher ray: how many times the run was tried
+            entry["attempts"] = result["attempts"]
         return entry
     import dataclasses
 
@@ -170,3 +172,43 @@ def build_summary(cfg: Config, results: list[dict[str, Any]]) -> dict[str, Any]:
         "paired_tests": paired,
         "bootstrap": Bootstrap().describe(),
     }
+
+
+def summary_values(summary: dict[str, Any]) -> dict[str, float]:
+    """ablation_summary.json as logger values: per complete run `<run>/<final loss, time,
+    tokens/s, step>` and `<run>/<metric>`, per paired test `<run>/<metric>/difference` and
+    `/p_value` (against the run's baseline), and `best/<metric>`."""
+    out: dict[str, float] = {}
+
+    def put(key: str, v: Any) -> None:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+            out[key] = float(v)
+
+    for e in summary["runs"]:
+        if e["status"] != "complete":
+            continue
+        for k in ("final_train_loss", "final_eval_loss", "train_seconds", "tokens_per_second", "global_step"):
+            put(f"{e['run']}/{k}", e.get(k))
+        for name, m in (e.get("metrics") or {}).items():
+            put(f"{e['run']}/{name}", m.get("value"))
+    for t in summary["paired_tests"]:
+        put(f"{t['run']}/{t['metric']}/difference", t["difference"])
+        put(f"{t['run']}/{t['metric']}/p_value", t["p_value"])
+    for name, b in summary["best"].items():
+        put(f"best/{name}", b["value"])
+    return out
+
+
+def log_summary(cfg: Config, summary: dict[str, Any]) -> None:
+    """The grid summary to `training.report_to`'s loggers, as a logged run of its own named
+    `<experiment>/ablation_summary` (tensorboard and wandb under `<output_dir>/logs/`, mlflow
+    in the experiment's store): `summary_values` at step 0, and the whole summary as
+    ablation_summary.json (tensorboard text, mlflow artifact)."""
+    from ..train.loggers import LoggedRun, check_installed
+    from ..train.rundir import grid_logs
+
+    names = check_installed(cfg.training.report_to)  # checked before the runs too (their preflight)
+    if not names:
+        return
+    with LoggedRun(cfg, names, f"{cfg.experiment_name}/ablation_summary", grid_logs(cfg.resolved_output_dir()), cfg.to_dict()) as lr:
+        lr.log_values(summary_values(summary), step=0, documents={"ablation_summary.json": summary})

@@ -9,6 +9,7 @@
 - `precision.py` dtype rules and the dtype check on resume
 - `rundir.py`   the run directory's layout and how it is written (rank 0)
 - `outputs.py`  loss curves, peak memory, `lora_adapter/` and `final/`
+- `loggers.py`  `report_to`: the installed check, where tensorboard/wandb/mlflow write, final metrics
 - `checkpoints.py` which checkpoint is complete
 - `checkpointing.py` Trainer checkpoints that resume what was saved, FSDP2-sharded or not (mixin)
 - `fsdp.py`     FSDP2 sharding

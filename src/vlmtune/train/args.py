@@ -20,6 +20,7 @@ import torch
 
 from ..config import Config, TrainingConfig
 from ..errors import UserError
+from .loggers import tracker_run_name
 
 
 def shared_keys(args_cls: type) -> list[str]:
@@ -53,7 +54,7 @@ def training_arguments(cfg: Config, output_dir: Path, run_label: str, has_eval: 
         load_best_model_at_end=t.load_best_model_at_end and eval_strategy != "no",
         gradient_checkpointing_kwargs=t.gradient_checkpointing_kwargs or {"use_reentrant": False},
         dataloader_num_workers=t.dataloader_num_workers if t.dataloader_num_workers is not None else cfg.data.num_workers,
-        run_name=t.run_name or f"{cfg.experiment_name}/{run_label}",
+        run_name=tracker_run_name(cfg, run_label),
         # what vlmtune's batches need
         remove_unused_columns=False,
         label_names=["labels"],

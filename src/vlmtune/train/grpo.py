@@ -27,6 +27,7 @@ from ..data.collate import Encoder
 from ..data.images import load_image
 from ..data.sources import Sample, message_text
 from ..errors import UserError
+from . import loggers
 from .args import training_arguments
 from .outputs import run_metrics
 from .plan import describe_plan, format_report, parameter_report
@@ -164,7 +165,8 @@ def grpo_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples:
         probe_set = (val_samples or train_samples)[: g.probe_samples]
         probe = probe_factory(Encoder(lm.processor, lm.family), probe_set, rewards, weights, g.max_completion_length)
         trainer.set_probe(probe, cfg.training.eval_steps or 50)
-    resume, train_seconds = fit(trainer, rd, cfg, model, name, where)
+    with loggers.logging_to(trainer, cfg, rd, name, resolved_run_config(cfg, mcfg, variant)):  # report_to: where, what
+        resume, train_seconds = fit(trainer, rd, cfg, model, name, where)
 
     # 6. Outputs, metrics.json last.
     grpo_hist = [{"step": h["step"], **{k: h[k] for k in h if k in GRPO_LOG_KEYS or k.startswith("rewards/")}}

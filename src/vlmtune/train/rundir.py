@@ -10,7 +10,15 @@
                                   outputs beside it are complete
         predictions.jsonl, generation_metrics.json   evaluation after training
         eval/<data file>/         `vlmtune evaluate --run` outputs
+        logs/tensorboard/         `training.report_to` tensorboard event files (train/eval
+                                  scalars; the final and generation metrics)
+        logs/wandb/               wandb's run folders (offline unless asked otherwise)
         stage_<i>_<name>/         one such tree per stage of a staged run
+    <output_dir>/mlruns/          the mlflow file store of every run (when MLFLOW_TRACKING_URI
+                                  is not set)
+    <output_dir>/logs/            the grid summary's tensorboard/ and wandb/ (`vlmtune run`)
+
+(docs/loggers.md: what each logger receives and how to read it.)
 
 Rules every writer follows:
 - only rank 0 writes (`dist.is_main`); the other ranks wait at a barrier where they need
@@ -47,6 +55,19 @@ METRICS = "metrics.json"
 PREDICTIONS = "predictions.jsonl"
 GENERATION_METRICS = "generation_metrics.json"
 EVAL = "eval"
+LOGS = "logs"
+TENSORBOARD = "tensorboard"
+MLRUNS = "mlruns"
+
+
+def mlflow_store(output_dir: Union[str, os.PathLike]) -> Path:
+    """The default mlflow file store: one per `output_dir`, shared by its runs."""
+    return Path(output_dir) / MLRUNS
+
+
+def grid_logs(output_dir: Union[str, os.PathLike]) -> Path:
+    """Where the loggers of a grid's summary (`vlmtune run`) write, beside the run directories."""
+    return Path(output_dir) / LOGS
 
 
 def save_dir_atomically(path: Path, save: Callable[[Path], None]) -> None:
@@ -183,6 +204,15 @@ class RunDir:
     def eval_dir(self, data_name: str) -> Path:
         return self.path / EVAL / data_name
 
+    @property
+    def logs(self) -> Path:
+        """The loggers' folder (`training.report_to`): wandb's runs go here."""
+        return self.path / LOGS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.logs / TENSORBOARD
+
     def stage(self, index: int, name: str) -> "RunDir":
         """Stage `index` (1-based) of a staged run: a full run tree of its own."""
         return RunDir(self.path / f"stage_{index}_{name}")
@@ -202,6 +232,9 @@ class RunDir:
 
     def read_generation_metrics(self) -> dict[str, Any]:
         return read_json(self.generation_metrics)
+
+    def read_parameter_report(self) -> dict[str, Any]:
+        return read_json(self.parameter_report)
 
     # -- writing (rank 0) --------------------------------------------------------------------
     def prepare(self) -> None:
