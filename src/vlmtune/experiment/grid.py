@@ -29,6 +29,7 @@ from ..data.check import gate
 from ..data.sources import Sample
 from ..errors import UserError
 from ..eval.generate import GenerationSettings, describe_weights, evaluate_samples
+from ..train.loggers import RunLoggers, numeric_leaves
 from ..train.rundir import RunDir, resolved_run_config, run_name
 from ..train.grpo import grpo_run
 from ..train.stages import describe_stages, preflight, train_staged
@@ -103,6 +104,30 @@ def _evaluate(run_cfg: Config, model: Any, encoder: Any, samples: list[Sample], 
     return result
 
 
+def finished_summary(cfg: Config, m: ModelConfig, v: LoraConfig, splits: dict[str, Optional[list[Sample]]]) -> Optional[dict[str, Any]]:
+    """The summary of a run that finished earlier with this config's settings (reused as it
+    is, files untouched), or None when it still has work to do. A trained run whose saved
+    settings differ is a UserError. The one test both launchers skip finished runs by."""
+    name = run_name(m, v)
+    run_cfg = cfg.for_variant(v)
+    rd = RunDir(cfg.resolved_output_dir() / name)
+    if not rd.is_trained():
+        return None
+    differ = _settings_differ(rd, run_cfg, m, v)
+    if differ:
+        raise UserError(str(rd), f"holds a trained run with different {', '.join(differ)} settings",
+                        "delete or move that run directory, or give the changed variant a new name")
+    split, samples = eval_split(run_cfg, splits)
+    wants_eval = bool(run_cfg.evaluation.enabled and samples)
+    if not rd.is_finished(wants_eval):
+        return None
+    summary: dict[str, Any] = {"run": name, "run_dir": str(rd), "model": m.name, "variant": v.name,
+                               "status": "complete", "reused": True, "metrics": rd.read_metrics()}
+    if wants_eval:
+        summary.update(generation_metrics=rd.read_generation_metrics(), eval_split=split)
+    return summary
+
+
 def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[str, Optional[list[Sample]]],
              bad: dict[str, int], callbacks: Optional[list[Any]] = None, reuse: bool = True) -> dict[str, Any]:
     name = run_name(m, v)
@@ -112,24 +137,20 @@ def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[st
     wants_eval = bool(run_cfg.evaluation.enabled and samples)
     summary: dict[str, Any] = {"run": name, "run_dir": str(rd), "model": m.name, "variant": v.name}
     if reuse and rd.is_trained():  # trained earlier
-        differ = _settings_differ(rd, run_cfg, m, v)
-        if differ:
-            raise UserError(str(rd), f"holds a trained run with different {', '.join(differ)} settings",
-                            "delete or move that run directory, or give the changed variant a new name")
-        metrics = rd.read_metrics()
-        if rd.is_finished(wants_eval):
+        finished = finished_summary(cfg, m, v, splits)
+        if finished is not None:
             log.info("%s: finished earlier, reused (files untouched)", name)
-            summary.update(status="complete", reused=True, metrics=metrics)
-            if wants_eval:
-                summary.update(generation_metrics=rd.read_generation_metrics(), eval_split=split)
-            return summary
+            return finished
+        metrics = rd.read_metrics()
         # Killed during evaluation: evaluate the saved model (its predictions resume).
         from ..eval.standalone import load_run
 
         log.info("%s: trained earlier; evaluating it", name)
         em = load_run(rd.path) if dist.is_main() else None
-        summary.update(status="complete", reused=False, metrics=metrics,
-                       generation_metrics=_evaluate(run_cfg, em and em.model, em and em.encoder, samples, rd), eval_split=split)
+        with RunLoggers(run_cfg, rd, name, resolved_run_config(run_cfg, m, v)) as loggers:
+            summary.update(status="complete", reused=False, metrics=metrics,
+                           generation_metrics=_evaluate(run_cfg, em and em.model, em and em.encoder, samples, rd), eval_split=split)
+            log_run_values(loggers, metrics, summary["generation_metrics"])
         return summary
     preflight(run_cfg, m, v, f"models[{i}]")
     # data.on_bad_sample: skip -- the run's metrics say how much data it did not see
@@ -139,19 +160,60 @@ def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[st
         recipe = functools.partial(grpo_run, probe_factory=visual_reliance_probe)
     else:
         recipe = train_staged
-    res = recipe(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]", callbacks=callbacks,
-                    extra_metrics={"skipped_bad_samples": bad} if bad else None)
-    summary.update(status="complete", reused=False, metrics=res["metrics"])
-    if wants_eval:
-        model, encoder = res["model"], res["encoder"]
-        if model is None and dist.is_main():  # a staged run whose stages had all finished before
-            from ..eval.standalone import load_run
+    # report_to: one logged run from the first training step to the evaluation's metrics
+    with RunLoggers(run_cfg, rd, name, resolved_run_config(run_cfg, m, v)) as loggers:
+        res = recipe(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]", callbacks=callbacks,
+                     extra_metrics={"skipped_bad_samples": bad} if bad else None)
+        summary.update(status="complete", reused=False, metrics=res["metrics"])
+        if wants_eval:
+            model, encoder = res["model"], res["encoder"]
+            if model is None and dist.is_main():  # a staged run whose stages had all finished before
+                from ..eval.standalone import load_run
 
-            em = load_run(rd.path)
-            model, encoder = em.model, em.encoder
-        summary["generation_metrics"] = _evaluate(run_cfg, model, encoder, samples, rd)
-        summary["eval_split"] = split
+                em = load_run(rd.path)
+                model, encoder = em.model, em.encoder
+            summary["generation_metrics"] = _evaluate(run_cfg, model, encoder, samples, rd)
+            summary["eval_split"] = split
+        log_run_values(loggers, res["metrics"], summary.get("generation_metrics"))
     return summary
+
+
+def generation_values(gm: dict[str, Any]) -> dict[str, float]:
+    """generation_metrics.json as logger values: `generation/<metric>` (its value; a metric of
+    several values, e.g. token_stats, as `generation/<metric>/<name>`), and the counts and
+    seconds beside them. Settings (generation, prompt, bootstrap) are not values."""
+    out: dict[str, float] = {}
+    for k, e in gm.items():
+        if isinstance(e, dict):
+            if isinstance(e.get("value"), dict):
+                out.update(numeric_leaves(e["value"], f"generation/{k}"))
+            elif "value" in e:
+                out.update(numeric_leaves({k: e["value"]}, "generation"))
+        else:
+            out.update(numeric_leaves({k: e}, "generation"))
+    return out
+
+
+def log_run_values(loggers: RunLoggers, metrics: dict[str, Any], gm: Optional[dict[str, Any]]) -> None:
+    """A run's final values to its loggers: metrics.json's numbers as `run/<key>` (lists, the
+    loss curves, are already there step by step) and its generation metrics, at the last step."""
+    values = {**numeric_leaves(metrics, "run"), **generation_values(gm or {})}
+    loggers.log_values(values, step=int(metrics.get("global_step") or 0))
+
+
+def prepare_grid(cfg: Config, runs: list[tuple[int, ModelConfig, LoraConfig]]) -> tuple[dict[str, Optional[list[Sample]]], dict[str, int]]:
+    """What every launcher checks before anything loads or is written: each run's precisions,
+    the metric names, and the data gate (every row and image header). Returns the splits and
+    the bad-sample counts per split (data.on_bad_sample: skip)."""
+    for i, m, v in runs:  # refuse impossible precisions before anything loads or is written
+        preflight(cfg.for_variant(v), m, v, f"models[{i}]")
+    if cfg.evaluation.metrics:
+        from ..eval.metrics import check_names
+
+        check_names(cfg.evaluation.metrics, "evaluation.metrics")
+    # The data gate: every row and image header checked before any model loads.
+    splits, report = gate(cfg)
+    return splits, {k: c["bad"] for k, c in report.counts.items() if c["bad"]}
 
 
 def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = None, only: Optional[str] = None,
@@ -162,15 +224,7 @@ def run_grid(cfg: Config, model: Optional[str] = None, variant: Optional[str] = 
     `reuse` (vlmtune run): finished runs are reused as they are. Without it (vlmtune train)
     every run trains -- continuing from its checkpoints, e.g. to more steps."""
     runs = select_runs(cfg, model, variant, only)
-    for i, m, v in runs:  # refuse impossible precisions before anything loads or is written
-        preflight(cfg.for_variant(v), m, v, f"models[{i}]")
-    if cfg.evaluation.metrics:
-        from ..eval.metrics import check_names
-
-        check_names(cfg.evaluation.metrics, "evaluation.metrics")
-    # The data gate: every row and image header checked before any model loads.
-    splits, report = gate(cfg)
-    bad = {k: c["bad"] for k, c in report.counts.items() if c["bad"]}
+    splits, bad = prepare_grid(cfg, runs)
     from .progress import GridProgress
 
     results = []
@@ -194,13 +248,18 @@ def _run_one_recorded(cfg: Config, k: int, n: int, i: int, m: ModelConfig, v: Lo
         except (UserError, RuntimeError, ValueError, OSError, MemoryError) as e:
             if not keep_going:
                 raise
-            msg = e.line() if isinstance(e, UserError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            msg = error_line(e)
             log.error("%s failed: %s", name, msg)
             log.debug("%s", traceback.format_exc())
             results.append({"run": name, "run_dir": str(cfg.resolved_output_dir() / name), "model": m.name, "variant": v.name,
                             "status": "failed", "error": msg})
     finally:
         progress.end_run()
+
+
+def error_line(e: BaseException) -> str:
+    """A failed run's error as its summary entry records it: one line."""
+    return e.line() if isinstance(e, UserError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def whole_grid(cfg: Config, done: list[dict[str, Any]]) -> list[dict[str, Any]]:
