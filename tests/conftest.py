@@ -19,6 +19,8 @@ def pytest_configure(config):
     os.environ["VLMTUNE_HOME"] = home
     os.environ["VLMTUNE_NO_PROGRESS"] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # remote code the tests write (test_remote_code.py) is copied here, not into ~/.cache
+    os.environ.setdefault("HF_MODULES_CACHE", os.path.join(home, "hf_modules"))
 
 
 @pytest.fixture(scope="session")
