@@ -52,7 +52,7 @@ def test_preview_json_on_the_demo_config(tmp_path, capsys):
 
 
 def test_example_config_and_docs_are_current():
-    cfg = load_config(ROOT / "examples" / "vlm_ablation.yaml")
+    cfg = load_config(ROOT / "configs" / "vlm_ablation.yaml")
     assert [m.name for m in cfg.models] == ["qwen_vl_chat", "llava_1.5_7b"]
     assert (ROOT / "docs" / "config.md").read_text() == describe_keys() + "\n", "regenerate: python -m vlmtune.config > docs/config.md"
     grid = load_config(ROOT / "examples" / "demo_grid.yaml")

@@ -114,7 +114,27 @@ def lora_target_names(model: nn.Module, parts: PartMap, family: Optional[Family]
 
 
 def _part_targets(lora: LoraConfig) -> dict[str, Optional[list[str]]]:
-    return {"llm": lora.llm_target_modules, "vision": lora.vision_target_modules, "projector": lora.projector_target_modules}
+    # the projector's LoRA targets are the family's (seed 002's `projector_target_modules`
+    # name modules that always train fully: see `always_trained`)
+    return {"llm": lora.llm_target_modules, "vision": lora.vision_target_modules, "projector": None}
+
+
+def always_trained(model: nn.Module, names: Optional[list[str]]) -> list[str]:
+    """Seed 002's `lora.projector_target_modules`: modules that train fully in every mode
+    (`multi_modal_projector`, `vision_embed_tokens`, ...). Each name is a module path or its
+    last dotted components; a name that matches no module is an error, never ignored."""
+    if not names:
+        return []
+    paths = [n for n, _ in model.named_modules() if n]
+    out: list[str] = []
+    for t in names:
+        hit = [n for n in paths if n == t or n.endswith("." + t)]
+        if not hit:
+            near = sorted({n.rsplit(".", 1)[-1] for n in paths if "proj" in n.rsplit(".", 1)[-1] or "embed" in n.rsplit(".", 1)[-1]})[:8]
+            raise UserError("lora.projector_target_modules", f"{t!r} matches no module of {type(model).__name__}",
+                            f"name modules that always train by path or last name (e.g. {', '.join(near) or 'see vlmtune inspect'})")
+        out += [n for n in hit if not any(n.startswith(o + ".") for o in hit if o != n)]  # the outermost match
+    return sorted(set(out))
 
 
 @dataclass
@@ -133,6 +153,8 @@ class Trainables:
     """Name prefixes that never get a gradient (the family's), kept frozen."""
     loose_roots: list[str] = field(default_factory=list)
     """Bare-parameter part roots a LoRA adapter cannot carry: frozen while any part uses LoRA."""
+    always: list[str] = field(default_factory=list)
+    """Modules that train fully whatever the part plan (`lora.projector_target_modules`)."""
 
     @property
     def uses_lora(self) -> bool:
@@ -144,6 +166,8 @@ class Trainables:
             return False
         if self.uses_lora and any(name == r or name.startswith(r + ".") for r in self.loose_roots):
             return False
+        if any(name.startswith(r + ".") for r in self.always):
+            return True
         return parts.part_of(name) in self.full_parts
 
 
@@ -168,7 +192,7 @@ def resolve_trainables(model: nn.Module, parts: PartMap, family: Optional[Family
             raise UserError(
                 "training_mode",
                 f"{name}: the {', '.join(missing)} part(s) cannot train separately because {why}",
-                "use training_mode: both (trains the whole model), or set model_type to a supported family",
+                parts.fix or "use training_mode: both (trains the whole model), or set model_type to a supported family",
             )
     per_part = _part_targets(lora)
     for p in PART_NAMES:
@@ -178,7 +202,7 @@ def resolve_trainables(model: nn.Module, parts: PartMap, family: Optional[Family
     never = family.never_trained_in(model) if family else ()
     lora_parts = [p for p in PART_NAMES if plan[p].train == "lora"]
     full_parts = [p for p in PART_NAMES if plan[p].train == "full"]
-    out = Trainables(plan=plan, full_parts=full_parts, never=tuple(never))
+    out = Trainables(plan=plan, full_parts=full_parts, never=tuple(never), always=always_trained(model, lora.projector_target_modules))
     if not lora_parts:
         return out
     for p in lora_parts:
@@ -186,6 +210,7 @@ def resolve_trainables(model: nn.Module, parts: PartMap, family: Optional[Family
         out.lora_targets += [t for t in lora_target_names(model, parts, family, p, per_part[p]) if not (t + ".").startswith(never or ("\0",))]
     mods = dict(model.named_modules())
     roots = [root for p in full_parts for root in parts.roots[p]]
+    roots += [r for r in out.always if not any(r == x or r.startswith(x + ".") for x in roots)]
     # peft refuses to wrap a ModuleList/ModuleDict (Qwen3-VL's deepstack_merger_list): save its
     # children instead, whatever their number.
     roots = [c for root in roots
