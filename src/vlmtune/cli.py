@@ -78,6 +78,31 @@ def quick_config(args: argparse.Namespace):
     return config_from_dict(raw, "command line")
 
 
+def _resume_or_fresh(cfg, args: argparse.Namespace) -> None:
+    """`train --resume-from CHECKPOINT` (one run continues from that checkpoint) and `train
+    --fresh` (each selected run's old directory is moved aside, never deleted, and the run
+    starts over); without either, a rerun resumes from each run's newest complete checkpoint."""
+    resume_from, fresh = getattr(args, "resume_from", None), getattr(args, "fresh", False)
+    if not (resume_from or fresh):
+        return
+    from .experiment.grid import select_runs
+    from .train.rundir import RunDir, run_name
+
+    if resume_from and fresh:
+        raise UserError("train", "--resume-from and --fresh contradict each other", "keep one of them")
+    runs = select_runs(cfg, args.model, args.variant)
+    if resume_from:
+        if len(runs) != 1:
+            raise UserError("--resume-from", f"a checkpoint belongs to one run and the config selects {len(runs)}",
+                            "pick the run with --model NAME --variant NAME")
+        cfg.training.resume_from = resume_from
+        return
+    for _, m, v in runs:
+        moved = RunDir(cfg.resolved_output_dir() / run_name(m, v)).move_aside()
+        if moved:
+            log.info("--fresh: %s moved aside to %s; the run starts over", run_name(m, v), moved)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .experiment.grid import run_grid
 
@@ -91,6 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = quick_config(args)
     else:
         raise UserError("train", "nothing to train", "pass a CONFIG.yaml or --dataset data.jsonl --model-id ID")
+    _resume_or_fresh(cfg, args)
     if getattr(args, "grpo", False) and cfg.grpo is None:
         raise UserError(args.config or "grpo", "the config has no grpo: section", "add one, e.g. grpo: {rewards: [{name: exact_match}]} (see docs/grpo.md)")
     results = run_grid(cfg, args.model, args.variant)
@@ -428,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mode", help="quick form: projector | llm | vision | both (default: $TRAINING_MODE or llm)")
     t.add_argument("--output-dir", help="override output_dir")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. training.max_steps=10")
+    t.add_argument("--resume-from", metavar="CHECKPOINT", help="continue one run from this checkpoint folder (default: each run's newest complete checkpoint)")
+    t.add_argument("--fresh", action="store_true", help="start over: move each selected run's old directory aside (<run>.old-<time>) first")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("grpo", help="reinforcement learning (GRPO) on every model x LoRA variant of a config with a grpo: section")

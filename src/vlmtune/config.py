@@ -304,6 +304,7 @@ class TrainingConfig:
     fsdp_config: Optional[dict[str, Any]] = _f(None, "FSDP options (seed 001).")
     ddp_find_unused_parameters: Optional[bool] = _f(None, "DDP: look for parameters without gradients.")
     resume: Literal["auto", "never"] = _f("auto", "auto: continue from the run's last checkpoint when there is one.")
+    resume_from: Optional[str] = _f(None, "A checkpoint folder (`.../checkpoints/checkpoint-N`) to continue from instead of the run's newest one; one run only (`vlmtune train --resume-from`).")
     stages: Optional[list[StageConfig]] = _f(None, "Staged training: a list of stages run in order, each starting from the previous stage's weights (adapters merged between stages), e.g. [{name: projector, training_mode: projector}, {name: llm, training_mode: llm}].")
     deepspeed: Optional[str] = _f(None, "DeepSpeed config JSON (ZeRO-2/3) for multi-process training; needs the `deepspeed` extra.")
     # Throughput (issue #15)
@@ -682,6 +683,8 @@ def validate(cfg: Config, src: str = "config", variants: bool = True) -> Config:
         raise UserError(f"{src}: visual_encoder_settings.freeze_visual_encoder", "true, but the config also asks the vision encoder to train", "set freeze_visual_encoder: false, or training_mode: llm")
     if cfg.grpo is not None:
         _validate_rewards(cfg.grpo.rewards, src)
+    if t.resume_from and t.stages:
+        raise UserError(f"{src}: training.resume_from", "not with training.stages (each stage resumes from its own checkpoints)", "drop resume_from: a rerun resumes each stage")
     return cfg
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 
 def setup_logging(debug: bool) -> None:
@@ -24,3 +25,22 @@ def setup_logging(debug: bool) -> None:
         hf_logging.disable_progress_bar()
         for noisy in ("bitsandbytes", "accelerate", "peft", "httpx", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def progress(total: int, desc: str, unit: str = "it") -> Any:
+    """A progress bar with an ETA (tqdm) on stderr for a long piece of work of `total` units
+    (`.update(n)`, `.close()`); a silent stand-in when VLMTUNE_NO_PROGRESS=1, on ranks other
+    than 0, or for a single unit of work."""
+    if os.environ.get("VLMTUNE_NO_PROGRESS") == "1" or os.environ.get("RANK", "0") != "0" or total <= 1:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

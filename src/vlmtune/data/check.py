@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import Config
 from ..errors import UserError
+from ..logs import progress
 from .images import ImageBytes, ImagePolicy, ImageRef, is_remote
 from .sources import Sample, load_split
 
@@ -135,7 +136,9 @@ def check_images(samples: list[Sample], full_decode: bool, image_column: str = "
     """(samples whose images are all fine, one problem per bad image)."""
     good, problems = [], []
     seen: dict[tuple[str, ImagePolicy], Optional[str]] = {}
+    bar = progress(len(samples), "check images", "sample")
     for s in samples:
+        bar.update()
         bad = False
         for k, p in enumerate(s.images):
             key = (p, s.image_policy)
@@ -147,6 +150,7 @@ def check_images(samples: list[Sample], full_decode: bool, image_column: str = "
                 bad = True
         if not bad:
             good.append(s)
+    bar.close()
     return good, problems
 
 
@@ -228,8 +232,10 @@ def count_tokens(cfg: Config, splits: dict[str, Optional[list[Sample]]], model_i
     image_tokens: list[int] = []
     no_room: list[Sample] = []
     problems: list[Problem] = []
+    bar = progress(sum(len(splits.get(split) or []) for split in SPLITS), "count tokens", "sample")
     for split in SPLITS:
         for s in splits.get(split) or []:
+            bar.update()
             try:
                 e = enc.encode(s)
             except UserError as err:
@@ -240,6 +246,7 @@ def count_tokens(cfg: Config, splits: dict[str, Optional[list[Sample]]], model_i
             if e.n_image_tokens >= cfg.data.max_length:
                 no_room.append(s)
             supervised[split] += e.n_supervised
+    bar.close()
     if no_room and report is not None:
         most = max(image_tokens)
         more = f" and {len(no_room) - 1} more sample{'s' if len(no_room) != 2 else ''}" if len(no_room) > 1 else ""

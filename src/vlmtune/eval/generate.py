@@ -31,6 +31,7 @@ from ..config import TrainingConfig
 from ..data.collate import Encoder
 from ..data.images import load_image
 from ..data.sources import Sample
+from ..logs import progress
 from ..errors import UserError
 from ..io import atomic_write_json, read_json
 from ..train.rundir import GENERATION_METRICS, PREDICTIONS
@@ -145,6 +146,7 @@ def generate_batches(model: torch.nn.Module, encoder: Encoder, samples: list[Sam
     tok = encoder.tokenizer
     device = next(model.parameters()).device
     eos = _end_token_ids(encoder)
+    bar = progress(len(samples), "generate", "sample")  # evaluation is the long silent part otherwise
     for batch in _batches(samples, max(1, batch_size)):
         images = [[load_image(p, f"{s.id}: image", s.image_policy) for p in s.images] for s in batch]
         inputs = encoder.encode_prompts([build_prompt(encoder, s, style) for s in batch], images).to(device)
@@ -159,7 +161,9 @@ def generate_batches(model: torch.nn.Module, encoder: Encoder, samples: list[Sam
                 "prediction": tok.decode(ids[:n], skip_special_tokens=True).strip(),
                 "references": s.references, "n_prompt_tokens": int(mask.sum()), "n_generated_tokens": n,
             })
+        bar.update(len(batch))
         yield records
+    bar.close()
 
 
 def generate(model: torch.nn.Module, encoder: Encoder, samples: list[Sample], batch_size: int, settings: GenerationSettings,

@@ -273,6 +273,23 @@ class RunDir:
             raise UserError(label, f"no space left on the device while writing {what} under {self.path}; earlier outputs are intact",
                             f"free disk space and rerun the same command ({kept})") from None
 
+    def move_aside(self) -> Optional[Path]:
+        """`vlmtune train --fresh`: rename this run's directory to `<name>.old-<time>` beside it
+        (nothing is deleted) so the run starts over; returns the new path, None when there
+        was nothing to move."""
+        if not self.path.exists() or not dist.is_main():
+            return None
+        import time
+
+        dest = self.path.with_name(f"{self.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        k = 1
+        while dest.exists():
+            dest = dest.with_name(f"{self.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{k}")
+            k += 1
+        self.path.rename(dest)
+        fsync_dir(self.path.parent)
+        return dest
+
     def resume_checkpoint(self) -> Optional[str]:
         """The newest complete checkpoint (as a path string), the same on every rank.
 

@@ -76,7 +76,10 @@ def fit(trainer: Any, rd: RunDir, cfg: Config, model: torch.nn.Module, name: str
     """Train, resuming from the run's newest complete checkpoint (`training.resume: auto`),
     refusing one of another dtype; a full disk is one line. Returns (checkpoint resumed from,
     seconds trained)."""
-    resume = rd.resume_checkpoint() if cfg.training.resume == "auto" else None
+    if cfg.training.resume_from:
+        resume = _given_checkpoint(cfg.training.resume_from)
+    else:
+        resume = rd.resume_checkpoint() if cfg.training.resume == "auto" else None
     check_resume_dtype(resume, model, where)
     if resume and dist.is_main():
         log.info("run %s: resuming from %s", name, resume)
@@ -84,6 +87,20 @@ def fit(trainer: Any, rd: RunDir, cfg: Config, model: torch.nn.Module, name: str
     with rd.disk_errors(f"run {name}", "a checkpoint"):
         trainer.train(resume_from_checkpoint=resume)
     return resume, time.time() - t0
+
+
+def _given_checkpoint(path: str) -> str:
+    """`training.resume_from` checked: a complete checkpoint folder, or one line."""
+    from pathlib import Path
+
+    from .checkpoints import checkpoint_problem
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError("--resume-from", f"{path!r} is not a folder", "pass a checkpoint folder, e.g. results/exp/run/checkpoints/checkpoint-500")
+    if (why := checkpoint_problem(p)) is not None:
+        raise UserError("--resume-from", f"{path} is not a complete checkpoint ({why})", "pass another checkpoint-N folder, or drop --resume-from to use the run's newest complete one")
+    return str(p.resolve())
 
 
 def finish(model: torch.nn.Module, lm: LoadedModel, rd: RunDir, metrics: dict[str, Any], name: str,
