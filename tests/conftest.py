@@ -59,10 +59,10 @@ def write_config(path: Path, data_dir: Path, out_dir: Path, **overrides) -> Path
     return path
 
 
-def build_tiny_vipllava(out: Path) -> Path:
-    """A tiny VipLLaVA (no vlmtune family: the generic path) saved with its processor in `out`."""
-    import torch
-    from transformers import CLIPImageProcessorPil, LlavaProcessor, VipLlavaConfig, VipLlavaForConditionalGeneration
+def tiny_llava_processor():
+    """(LlavaProcessor with a tiny trained tokenizer and 56 px CLIP images, its special token ids):
+    the processor of the test-built models that have no vlmtune family."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     from vlmtune.models.families.llava import LLAVA_CHAT_TEMPLATE
     from vlmtune.models.tiny import train_tokenizer
@@ -72,7 +72,16 @@ def build_tiny_vipllava(out: Path) -> Path:
     ip = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     proc = LlavaProcessor(ip, tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>")
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
+    return proc, {t: tok.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
+
+
+def build_tiny_vipllava(out: Path) -> Path:
+    """A tiny VipLLaVA (no vlmtune family: the generic path) saved with its processor in `out`."""
+    import torch
+    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    proc, ids = tiny_llava_processor()
+    tok = proc.tokenizer
     cfg = VipLlavaConfig(
         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),

@@ -118,10 +118,9 @@ def build_tiny_remote(out: Path, names: dict[str, str] = INTERNVL_NAMES, embeddi
     import sys
 
     import torch
-    from transformers import CLIPImageProcessorPil, LlamaConfig, LlavaProcessor
+    from transformers import LlamaConfig
 
-    from vlmtune.models.families.llava import LLAVA_CHAT_TEMPLATE
-    from vlmtune.models.tiny import train_tokenizer
+    from conftest import tiny_llava_processor
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,12 +130,8 @@ def build_tiny_remote(out: Path, names: dict[str, str] = INTERNVL_NAMES, embeddi
     (out / "configuration_tinyvl.py").write_text(CONFIGURATION)
     (out / "modeling_tinyvl.py").write_text(code)
 
-    tok = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos="<s>")
-    tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token = "<unk>", "<s>", "</s>", "<pad>"
-    ip = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
-    proc = LlavaProcessor(ip, tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>")
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
+    proc, ids = tiny_llava_processor()
+    tok = proc.tokenizer
 
     # Import the code as a package (relative import inside), build the model, save it; the
     # config.json written then gets the auto_map that makes it remote code.

@@ -422,6 +422,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_flags(group: Any, system_help: str) -> None:
+    """The generation flags `evaluate` and `chat` share (they override the run's settings)."""
+    group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--num-beams", type=int)
+    group.add_argument("--do-sample", action="store_true")
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--prompt-template", help='plain prompt instead of the chat template, e.g. "Question: {query}\\nAnswer:"')
+    group.add_argument("--system-message", help=system_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -523,13 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--limit", type=int, help="only the first N samples")
     gen = e.add_argument_group("generation")
     gen.add_argument("--batch-size", type=int, help="default: the run's evaluation batch size, else 8")
-    gen.add_argument("--max-new-tokens", type=int)
-    gen.add_argument("--num-beams", type=int)
-    gen.add_argument("--do-sample", action="store_true")
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--prompt-template", help='plain prompt instead of the chat template, e.g. "Question: {query}\\nAnswer:"')
-    gen.add_argument("--system-message", help="system message before each conversation")
+    _generation_flags(gen, "system message before each conversation")
     e.add_argument("--metrics", help="comma-separated metric names (default: exact_match,bleu4,meteor,rouge_l,cider,token_stats)")
     e.add_argument("--output-dir", help="default: RUN_DIR/eval/<data file> or results/evaluate/<model>/<data file>")
     e.set_defaults(func=cmd_evaluate)
@@ -572,13 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--min-pixels", type=int, help="with a model: Qwen-VL resolution bounds (a run uses its own)")
     ch.add_argument("--max-pixels", type=int)
     cg = ch.add_argument_group("generation (default: the run's own settings, as its evaluation)")
-    cg.add_argument("--max-new-tokens", type=int)
-    cg.add_argument("--num-beams", type=int)
-    cg.add_argument("--do-sample", action="store_true")
-    cg.add_argument("--temperature", type=float)
-    cg.add_argument("--top-p", type=float)
-    cg.add_argument("--prompt-template", help='plain prompt instead of the chat template, e.g. "Question: {query}\\nAnswer:"')
-    cg.add_argument("--system-message", help="system message before the conversation (default: the run's data.system_message)")
+    _generation_flags(cg, "system message before the conversation (default: the run's data.system_message)")
     ch.set_defaults(func=cmd_chat)
     return p
 
