@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import write_config
 from vlmtune.cli import main
@@ -71,6 +72,10 @@ def test_resume_from_a_named_checkpoint(tmp_path, shapes_dir):
     m = _metrics(tmp_path / "b")
     assert m["resumed_from"] == str(ckpt.resolve())
     assert [h["loss"] for h in m["train_loss_history"]] == [h["loss"] for h in whole]  # steps 1-2 from the checkpoint's history
+    # the run's saved config does not keep the checkpoint: a later rerun resumes from its own
+    assert yaml.safe_load((tmp_path / "b" / RUN / "config.yaml").read_text())["training"]["resume_from"] is None
+    assert main(["run", str(b)]) == 0  # the finished run is reused, its settings unchanged
+    assert _metrics(tmp_path / "b")["resumed_from"] == str(ckpt.resolve())
 
 
 def test_resume_from_errors_are_one_line(tmp_path, shapes_dir, capsys):

@@ -94,9 +94,9 @@ def test_count_batch_packed_and_padded():
     ids = torch.tensor([[1, 9, 9, 2, 0, 0], [1, 9, 2, 3, 4, 5]])
     mask = (torch.arange(6) < torch.tensor([[4], [6]])).long()
     labels = torch.where(ids > 1, ids, torch.full_like(ids, IGNORE_INDEX))
-    c = count_batch({"input_ids": ids, "attention_mask": mask, "labels": labels}, image_token_id=9)
+    c = {k: int(v) for k, v in count_batch({"input_ids": ids, "attention_mask": mask, "labels": labels}, image_token_id=9).items()}
     assert c == {"tokens": 12, "real_tokens": 10, "supervised": 8, "image_tokens": 3}
-    packed = count_batch({"input_ids": ids.reshape(1, -1), "labels": labels.reshape(1, -1)}, image_token_id=None)
+    packed = {k: int(v) for k, v in count_batch({"input_ids": ids.reshape(1, -1), "labels": labels.reshape(1, -1)}, image_token_id=None).items()}
     assert packed["real_tokens"] == packed["tokens"] == 12 and packed["image_tokens"] == 0
     assert count_batch([{"prompt": "x"}], 9) == {"tokens": 0, "real_tokens": 0, "supervised": 0, "image_tokens": 0}
 

@@ -92,15 +92,21 @@ def _resume_or_fresh(cfg, args: argparse.Namespace) -> None:
         raise UserError("train", "--resume-from and --fresh contradict each other", "keep one of them")
     runs = select_runs(cfg, args.model, args.variant)
     if resume_from:
+        if cfg.training.stages:
+            raise UserError("--resume-from", "not with training.stages (each stage resumes from its own checkpoints)", "drop --resume-from: a rerun resumes each stage")
         if len(runs) != 1:
             raise UserError("--resume-from", f"a checkpoint belongs to one run and the config selects {len(runs)}",
                             "pick the run with --model NAME --variant NAME")
         cfg.training.resume_from = resume_from
         return
+    from . import dist
+
     for _, m, v in runs:
-        moved = RunDir(cfg.resolved_output_dir() / run_name(m, v)).move_aside()
+        moved = RunDir(cfg.resolved_output_dir() / run_name(m, v)).move_aside()  # rank 0 moves
         if moved:
             log.info("--fresh: %s moved aside to %s; the run starts over", run_name(m, v), moved)
+    dist.init()
+    dist.barrier()  # under a launcher no rank looks at a run folder before rank 0 has moved it
 
 
 def cmd_train(args: argparse.Namespace) -> int:

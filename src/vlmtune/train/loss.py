@@ -309,6 +309,9 @@ class TokenMeanLossMixin:
             pc = getattr(self.accelerator, "parallelism_config", None)
             if reason is None and pc is not None and (getattr(pc, "sp_enabled", False) or getattr(pc, "cp_enabled", False)):
                 reason = "sequence/context parallelism shards the positions"
+            if reason is None and (self.args.n_gpu > 1 or isinstance(model, nn.DataParallel)):
+                # DataParallel's replicas share the patched head and the hook (shallow copies)
+                reason = "one process drives several GPUs (DataParallel); use torchrun for one process per GPU"
             self._lean_off[top] = reason
             if reason and self.is_world_process_zero():
                 log.info("lean loss off: %s; the loss comes from the model's full logits", reason)

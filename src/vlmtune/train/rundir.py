@@ -310,4 +310,8 @@ def resolved_run_config(cfg: Config, mcfg: ModelConfig, variant: LoraConfig) -> 
     path absolute as this run resolved it (`Config.with_absolute_paths`; output_dir is the run
     directory's parent), so `vlmtune train|preview RUN/config.yaml` and `vlmtune evaluate --run
     RUN` work from any folder and continue this same run directory."""
-    return dataclasses.replace(cfg, models=[mcfg], lora_variants=[variant]).with_absolute_paths().to_dict()
+    out = dataclasses.replace(cfg, models=[mcfg], lora_variants=[variant]).with_absolute_paths().to_dict()
+    # `train --resume-from` says where this invocation starts, not what the run is: a saved
+    # config that kept it would resume every later rerun from that old checkpoint
+    out["training"]["resume_from"] = None
+    return out

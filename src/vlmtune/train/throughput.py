@@ -66,19 +66,21 @@ def peak_flops() -> Optional[float]:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def count_batch(inputs: Any, image_token_id: Optional[int]) -> dict[str, int]:
+def count_batch(inputs: Any, image_token_id: Optional[int]) -> dict[str, Any]:
     """Token counts of one micro-batch (see the module docstring); zeros for batches that are
-    not token tensors (a GRPO row list)."""
+    not token tensors (a GRPO row list). Counts that need the data are 0-d tensors on the
+    batch's device: reading them would stall a GPU every micro-batch, so `ThroughputMeter`
+    adds them up there and reads them once per log."""
     if not isinstance(inputs, dict) or not isinstance(inputs.get("input_ids"), torch.Tensor):
         return dict.fromkeys(_COUNTERS[:-1], 0)
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     labels = inputs.get("labels")
     return {
-        "tokens": int(ids.numel()),
-        "real_tokens": int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else int(ids.numel()),
-        "supervised": int((labels != IGNORE_INDEX).sum()) if isinstance(labels, torch.Tensor) else 0,
-        "image_tokens": int((ids == image_token_id).sum()) if image_token_id is not None else 0,
+        "tokens": ids.numel(),
+        "real_tokens": mask.sum() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else ids.numel(),
+        "supervised": (labels != IGNORE_INDEX).sum() if isinstance(labels, torch.Tensor) else 0,
+        "image_tokens": (ids == image_token_id).sum() if image_token_id is not None else 0,
     }
 
 
@@ -89,15 +91,15 @@ class ThroughputMeter(TrainerCallback, ExportableState):
         self.n_params = n_params
         self.n_trainable = n_trainable
         self.totals = dict.fromkeys(_COUNTERS, 0.0)
-        self._pending = dict.fromkeys(_COUNTERS[:-1], 0)  # this rank's counts since the last sync
+        self._pending: dict[str, Any] = dict.fromkeys(_COUNTERS[:-1], 0)  # this rank's counts since the last sync
         self._t0: Optional[float] = None
 
     def state(self) -> dict:
         return {"args": {"n_params": self.n_params, "n_trainable": self.n_trainable}, "attributes": {"totals": dict(self.totals)}}
 
-    def add(self, counts: dict[str, int]) -> None:
+    def add(self, counts: dict[str, Any]) -> None:
         for k, v in counts.items():
-            self._pending[k] += v
+            self._pending[k] = self._pending[k] + v  # tensors stay on their device until `sync`
 
     def sync(self) -> None:
         """Fold every rank's pending counts into the totals (a collective: all ranks call it)."""
