@@ -58,9 +58,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-log = logging.getLogger("vlmtune")
+from ..data.collate import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+log = logging.getLogger("vlmtune")
 
 
 def token_mean_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Optional[torch.Tensor | int] = None) -> torch.Tensor:

@@ -36,8 +36,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .. import dist
-
-IGNORE_INDEX = -100
+from ..data.collate import IGNORE_INDEX
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the device name.
 PEAK_BF16_FLOPS = {
