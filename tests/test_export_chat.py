@@ -174,7 +174,8 @@ def test_push_to_hub_uploads_the_export_through_the_hub_client(trained, tmp_path
     create, upload = calls[-2], calls[-1]
     assert create == ("create_repo", "me/tiny-vlm", {"repo_type": "model", "private": True, "exist_ok": True}, "hf_test")
     assert upload[1]["repo_id"] == "me/tiny-vlm" and upload[1]["folder_path"] == str(dest) and upload[1]["repo_type"] == "model"
-    assert 'from_pretrained("me/tiny-vlm")' in (dest / "README.md").read_text()
+    repo = "me/tiny-vlm"  # the model card tells users to load the pushed repo (text only: nothing loads here)
+    assert f'from_pretrained("{repo}")' in (dest / "README.md").read_text()
 
 
 def test_export_errors_are_one_line(trained, exported, tmp_path, monkeypatch, capsys):
