@@ -131,6 +131,29 @@ def test_softcapping_is_applied_exactly_when_the_model_applies_it(fam, applied, 
     assert (abs(uncapped.item() - full.item()) > 1e-3) == applied
 
 
+def test_softcapping_is_found_once_per_model_and_cap(shapes_dir, monkeypatch):
+    """The check (a comparison, a device sync) runs on a model's first lean forward only; a
+    changed final_logit_softcapping is a new candidate and is checked again."""
+    from vlmtune.train import loss as loss_mod
+
+    lm = _load("paligemma")
+    model = lm.model.eval()
+    text = model.config.get_text_config()
+    text.final_logit_softcapping = 0.5
+    batch = _batch(lm, shapes_dir)
+    calls = []
+    real = loss_mod._LeanForward._applied_softcap
+    monkeypatch.setattr(loss_mod._LeanForward, "_applied_softcap", lambda self, out: calls.append(1) or real(self, out))
+    with torch.no_grad():
+        capped = [_lean(model, batch, 4)[0].item() for _ in range(3)]
+        text.final_logit_softcapping = None
+        uncapped = _lean(model, batch, 4)[0].item()
+        full_uncapped = _full(model, batch)[0].item()
+    assert len(calls) == 2  # once for cap 0.5, once for no cap
+    assert capped[0] == capped[1] == capped[2]
+    assert abs(uncapped - full_uncapped) <= 1e-6 * full_uncapped and abs(uncapped - capped[0]) > 1e-3
+
+
 def test_mixed_precision_head_runs_under_the_forwards_autocast(shapes_dir):
     """accelerate's mixed precision wraps the model's *forward* in autocast; the hook runs
     after that forward returned, so it must restore the head's autocast state: bf16 logits,
@@ -231,6 +254,7 @@ class AllocationTracker(TorchDispatchMode):
         super().__init__()
         self.live: dict[int, int] = {}
         self.current = self.peak = self.largest = self.total = 0
+        self.sizes: list[int] = []  # every allocation, in order
 
     def _freed(self, key: int) -> None:
         self.current -= self.live.pop(key, 0)
@@ -247,6 +271,7 @@ class AllocationTracker(TorchDispatchMode):
             if size == 0 or key in self.live or key in inputs:
                 continue
             self.live[key] = size
+            self.sizes.append(size)
             self.current += size
             self.total += size
             self.peak = max(self.peak, self.current)
@@ -291,5 +316,66 @@ def test_lean_loss_peak_memory_is_far_below_the_full_logits_loss():
     assert lean.peak < 0.1 * full.peak  # measured 0.07; with the chunk size ignored 0.19
     assert lean.largest <= chunk_bytes  # never more than one chunk of logits in one tensor
     # only supervised positions are projected: every chunk allocates its logits a few times
-    # (forward, recompute, softmax gradient), about 2 x ANSWER of the B x T positions
+    # (logits, logsumexp, softmax gradient), about 2 x ANSWER of the B x T positions
     assert lean.total < 0.5 * full.total
+
+
+def _tiny_llama(V: int, H: int, tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)).train()
+
+
+def test_a_trained_head_gets_one_weight_gradient_however_many_chunks():
+    """Full fine-tuning trains the head [V, H]. Its gradient is one buffer that every chunk
+    adds into (computed in the forward, as Liger does), not a [V, H] gradient per chunk plus
+    their running sum (autograd over checkpointed chunks: 5 of them for 3 chunks here; the
+    bench's 152k x 256 head makes each 145 MiB). Same loss and head gradient as full logits."""
+    V, H, T, CHUNK = 65536, 32, 64, 16
+    model = _tiny_llama(V, H, tied=False)
+    model.model.embed_tokens.requires_grad_(False)  # only the head's [V, H] gradient is in play
+    ids = torch.randint(0, V, (1, T))
+    labels = torch.full((1, T), -100)
+    labels[0, -3 * CHUNK:] = ids[0, -3 * CHUNK:]  # 3 chunks of supervised positions (the last one shifted out)
+    batch = {"input_ids": ids, "labels": labels}
+    full, _ = _full(model, batch)
+    g_full = _grads(model, full)
+    with AllocationTracker() as tr:
+        lean, _ = _lean(model, batch, CHUNK)
+        model.zero_grad(set_to_none=True)
+        lean.backward()
+    weight_sized = [s for s in tr.sizes if s >= V * H * 4]
+    assert len(weight_sized) == 1, [s / 2**20 for s in weight_sized]
+    assert abs(lean.item() - full.item()) <= 1e-6 * full.item()
+    g_lean = model.lm_head.weight.grad
+    assert float((g_lean - g_full["lm_head.weight"]).abs().max()) <= 1e-5 * float(g_full["lm_head.weight"].abs().max())
+
+
+def test_gradients_under_mixed_precision_match_the_full_logits_path():
+    """accelerate-style bf16 autocast with gradients: the chunked path casts as autocast does
+    (bf16 matmuls, fp32 softmax, the weight's gradient accumulated in its own fp32), so its
+    gradients match the full path's to bf16 rounding; a second backward through the same loss
+    is an error, not a silently doubled gradient."""
+    V, H, T = 4096, 32, 40
+    model = _tiny_llama(V, H, tied=True)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    ids = torch.randint(0, V, (2, T))
+    labels = ids.clone()
+    labels[:, : T // 2] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    full, _ = _full(model, batch)
+    g_full = _grads(model, full)
+    lean, _ = _lean(model, batch, 8)
+    assert abs(lean.item() - full.item()) <= 1e-6 * full.item()
+    g_lean = _grads(model, lean)
+    assert set(g_lean) == set(g_full)
+    for name, g in g_full.items():
+        assert g_lean[name].dtype == g.dtype == torch.float32
+        scale = float(g.abs().max())
+        assert float((g_lean[name] - g).abs().max()) <= 2e-2 * scale, name
+    lean, _ = _lean(model, batch, 8)
+    lean.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        lean.backward()
