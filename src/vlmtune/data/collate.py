@@ -271,14 +271,22 @@ class Collator:
                     out[i, : v.shape[-1]] = v
                 batch[key] = out
             else:
-                tensors = [torch.as_tensor(v) for v in vals]
-                if len({t.shape[1:] for t in tensors}) > 1 and len({t.dim() for t in tensors}) == 1 and tensors[0].dim() >= 3:
-                    # Per-sample image axes of different sizes (Idefics3/SmolVLM pixel_values
-                    # [1, tiles, 3, H, W] with different tile counts): zero-pad them, as the
-                    # processor does within one call (those models skip all-zero images).
-                    tensors = _pad_trailing(tensors)
-                batch[key] = torch.cat(tensors, dim=0)
+                batch[key] = cat_image_tensors(vals)
         return batch
+
+
+def cat_image_tensors(vals: list[Any]) -> torch.Tensor:
+    """Per-sample non-token tensors (`pixel_values`, `image_grid_thw`, ...) concatenated along
+    their first dim in sample order: [sum of each sample's first dim, ...]. Used by the
+    padded `Collator` and by packing (data/packing.py), so both hand the model the same images.
+
+    Per-sample image axes of different sizes (Idefics3/SmolVLM pixel_values [1, tiles, 3, H, W]
+    with different tile counts) are zero-padded first, as the processor does within one call
+    (those models skip all-zero images)."""
+    tensors = [torch.as_tensor(v) for v in vals]
+    if len({t.shape[1:] for t in tensors}) > 1 and len({t.dim() for t in tensors}) == 1 and tensors[0].dim() >= 3:
+        tensors = _pad_trailing(tensors)
+    return torch.cat(tensors, dim=0)
 
 
 def _pad_trailing(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig, VisualEncoderSettings
 from ..errors import UserError
-from .families import PART_NAMES, Family, PartMap, find_family, resolve_parts
+from .families import PACKING_BACKENDS, PART_NAMES, Family, PartMap, find_family, resolve_parts
 from .generic import named_parts, output_head_path, parts_fix
 from .processors import has_torchvision, image_only
 from .tiny import is_tiny, tiny_dir
@@ -201,10 +201,9 @@ def load_model(
     path = resolve_model_path(mcfg.hf_model_id)
     hf_cfg = _hf_config(path, mcfg, where)
     family = find_family(mcfg.model_type, getattr(hf_cfg, "model_type", None), f"{where}.model_type")
-    auto_class = model_auto_class(hf_cfg, mcfg, path, where)
+    model_auto_class(hf_cfg, mcfg, path, where)  # refuse a model no auto class loads before the checks below
     dtype = pick_dtype(mcfg.torch_dtype)
-    # Weights load from safetensors only: a pickle (.bin/.pt) can run code when unpickled.
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": mcfg.trust_remote_code, "output_loading_info": True, "use_safetensors": True}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if mcfg.attn_implementation:
         kwargs["attn_implementation"] = mcfg.attn_implementation
     elif packing and (impl := packing_attention(hf_cfg, family, dtype)):
@@ -219,17 +218,7 @@ def load_model(
     elif device_map:
         kwargs["device_map"] = device_map
     with _quiet_transformers(ve.suppress_init_warnings):
-        try:
-            model, info = auto_class.from_pretrained(path, **kwargs)
-        except OSError as e:
-            if "safetensors" in str(e) or ".bin" in str(e):
-                raise UserError(where, f"{path!r} has no safetensors weights (vlmtune does not load pickled .bin/.pt weights: unpickling can run code)",
-                                "convert the checkpoint to safetensors (transformers' save_pretrained writes them) or use a repository that ships them") from None
-            raise
-        except ValueError as e:
-            if "Unrecognized configuration class" in str(e):
-                raise UserError(where, f"{path!r} ({hf_cfg.model_type}) is not an image-text-to-text model", "use a vision-language checkpoint") from None
-            raise
+        model, info = load_pretrained(path, mcfg, where, hf_cfg, **kwargs)
     parts = model_parts(model, family, mcfg, where)
     if bits:
         check_quantized(model, keep, bits)
@@ -242,13 +231,43 @@ def load_model(
                        config=mcfg, quant_bits=bits)
 
 
+def load_pretrained(path: str, mcfg: ModelConfig, where: str, hf_cfg: Any = None, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """(model, transformers' loading info) of the weights in `path`, through the auto class
+    `model_auto_class` picks, with the repository's own code when `mcfg.trust_remote_code`.
+    `kwargs` go to `from_pretrained` (dtype, quantization, device map). The one way vlmtune
+    loads weights: `load_model`, and a whole-model checkpoint read back on resume
+    (train/checkpointing.py), which must load a remote-code model as its first load did."""
+    hf_cfg = hf_cfg if hf_cfg is not None else _hf_config(path, mcfg, where)
+    auto_class = model_auto_class(hf_cfg, mcfg, path, where)
+    # Weights load from safetensors only: a pickle (.bin/.pt) can run code when unpickled.
+    kwargs = {"trust_remote_code": mcfg.trust_remote_code, "output_loading_info": True, "use_safetensors": True, **kwargs}
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if "safetensors" in str(e) or ".bin" in str(e):
+            raise UserError(where, f"{path!r} has no safetensors weights (vlmtune does not load pickled .bin/.pt weights: unpickling can run code)",
+                            "convert the checkpoint to safetensors (transformers' save_pretrained writes them) or use a repository that ships them") from None
+        raise
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise UserError(where, f"{path!r} ({hf_cfg.model_type}) is not an image-text-to-text model", "use a vision-language checkpoint") from None
+        raise
+
+
+def runs_remote_code(model: nn.Module) -> bool:
+    """Whether `model` is a repository's own code (loaded with `trust_remote_code: true`):
+    transformers imports such classes into its `transformers_modules` package. Looks through
+    the class's bases: FSDP2 (`fully_shard`) swaps in a subclass defined in torch."""
+    return any(c.__module__.split(".")[0] == "transformers_modules" for c in type(model).__mro__)
+
+
 def packing_attention(hf_cfg: Any, family: Optional[Family], dtype: torch.dtype) -> Optional[str]:
     """"flash_attention_2" for a packed run when it can keep packed samples apart: on CUDA
     with `flash_attn` installed, half-precision weights, a family that packs by position ids
     (flash's varlen kernels take the sample boundaries from them) and a model class that
     supports it (PaliGemma, Gemma3 and BLIP-2 declare they do not: their masks are not plain
     causal). None: transformers' default (sdpa, which packs through masks)."""
-    if family is None or family.packing != "position_ids" or dtype not in (torch.float16, torch.bfloat16):
+    if family is None or "flash_attention_2" not in PACKING_BACKENDS.get(family.packing or "", ()) or dtype not in (torch.float16, torch.bfloat16):
         return None
     if not torch.cuda.is_available():
         return None

@@ -4,11 +4,12 @@ data/packing.py).
 - `training_data`: the Trainer's train dataset, collator and sample names, packed when the
   model can pack and padded (after one line saying why) when it cannot. Evaluation always
   pads (the collator pads whatever is not a packed bin).
-- `PackedBatchMixin`: a packed row's explicit attention mask (BLIP-2's 4-D mask, Gemma3's
+- `PackedBatchMixin`: packed rows' explicit attention mask (BLIP-2's 4-D mask, Gemma3's
   dict of masks) travels under its own key and becomes the model's `attention_mask` only
-  here, after the Trainer has seen the batch: the Trainer counts the tokens a batch holds
-  from `attention_mask` (`include_num_input_tokens_seen`), which must stay a [batch, seq]
-  padding mask for that.
+  here, at the model call (`compute_loss`), after the Trainer and the step metrics have
+  seen the batch: both count the tokens a batch holds from `attention_mask`
+  (`include_num_input_tokens_seen`, `throughput.count_batch`), which must stay the rows'
+  [bins, L] padding mask for that.
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ def training_data(cfg: Config, lm: LoadedModel, train_ds: SFTDataset, run_label:
 
 class PackedBatchMixin:
     """Mixin for a `transformers.Trainer` subclass: a packed batch's explicit attention mask
-    (`PACKED_ATTENTION_MASK`) becomes the model's `attention_mask` (see the module docstring)."""
+    (`PACKED_ATTENTION_MASK`) becomes the model's `attention_mask` (see the module docstring).
 
-    def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+    At `compute_loss`, not `training_step`: the mixins that count tokens in `training_step`
+    (`ThroughputMixin`) must still see the [bins, L] padding mask there."""
+
+    def compute_loss(self, model: torch.nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(inputs, dict) and PACKED_ATTENTION_MASK in inputs:
-            inputs = dict(inputs)  # the Trainer counts tokens from its own dict, which keeps the mask under its own key
+            inputs = dict(inputs)  # the Trainer's own dict keeps the padding mask
             inputs["attention_mask"] = inputs.pop(PACKED_ATTENTION_MASK)
-        return super().training_step(model, inputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, *args, **kwargs)

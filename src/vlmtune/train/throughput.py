@@ -4,8 +4,11 @@ and, on a GPU, model FLOPs utilisation -- logged with every training loss log an
 
 Counting happens in `training_step`, on the batch the model sees (per micro-batch, per rank):
 - `tokens`: every position of the batch, padding included -- [B, T] -> B*T;
-- `real_tokens`: positions that are not padding (`attention_mask` sum; a packed batch has no
-  padding and no mask, so all of it);
+- `real_tokens`: positions that are not padding (the [B, T] `attention_mask` sum). Packed
+  batches: one concatenated row (position-id families) has no padding and no mask, so all
+  of it; one row per bin (explicit-mask families) carries its [bins, L] padding mask, so the
+  end of the shorter bins counts as padding (the explicit mask replaces it only at the
+  model call, train/packing.py);
 - `supervised`: labels != -100 (the tokens the loss is taken on);
 - `image_tokens`: input ids equal to the model's image token (the expanded image placeholders).
 Time is the wall clock between the Trainer's step begin and step end callbacks: forward,

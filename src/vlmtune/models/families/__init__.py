@@ -73,16 +73,23 @@ class Family:
     supervised character spans (None for generation prompts). Offsets must stay relative to
     the given text, as transformers reports them."""
     packing: Optional[str] = None
-    """How samples packed into one row are kept apart (`training.packing`, data/packing.py):
-    "position_ids" (positions restart at each sample; transformers' attention, flash
-    attention's varlen kernels included, separates the samples from them) or "mask" (an
-    explicit attention mask from `packed_inputs`; sdpa/eager only). None: the family cannot
-    pack and trains padded."""
-    packed_inputs: Optional[Callable[[nn.Module, list[dict[str, Any]], list[int]], dict[str, Any]]] = None
-    """(model, each sample's features, their lengths) -> model inputs of the packed row that
-    depend on the model and override the generic ones (per-sample positions [1, T]): Qwen's
-    per-sample M-RoPE positions, BLIP-2's or Gemma3's attention masks, PaliGemma's 1-indexed
-    positions."""
+    """How packed samples are kept apart (`training.packing`, data/packing.py; the attention
+    backends each kind works with: `PACKING_BACKENDS`): "position_ids" (all bins of a batch in
+    one row [1, T]; positions restart at each sample and transformers' attention, flash
+    attention's varlen kernels included, separates the samples from them) or "mask" (one row
+    per bin [bins, L], kept apart by an explicit [bins, 1, L, L] mask assembled from
+    `packed_mask`; sdpa/eager only). None: the family cannot pack and trains padded."""
+    packed_inputs: Optional[Callable[["PackingContext", list[dict[str, Any]], list[int]], dict[str, Any]]] = None
+    """("position_ids" packing) (context, each sample's features, their lengths) -> model
+    inputs of the packed row [1, T] that override the generic ones (per-sample positions
+    from 0): Qwen's per-sample M-RoPE positions, PaliGemma's 1-indexed positions."""
+    packed_mask: Optional[Callable[["PackingContext", dict[str, Any]], Any]] = None
+    """("mask" packing, required there) (context, one sample's features) -> the attention of
+    that sample as if it were alone: bool [n, n], True = may attend, or a dict of them by
+    layer type (Gemma3's {full_attention, sliding_attention}). Packing places each sample's
+    mask on the diagonal of its row's mask and converts the result to the backend's form
+    (`attention_mask_for`); return the same tensor object for two layer types when they are
+    equal, and they share one assembled mask."""
     cannot_pack: Optional[Callable[[nn.Module], Optional[str]]] = None
     """model -> why this model of the family cannot pack (e.g. BLIP-2 with a T5 LLM), None if
     it can."""
@@ -102,28 +109,61 @@ class Family:
         return {"size": {"shortest_edge": lo, "longest_edge": hi}}
 
 
-def packed_sequence_index(lengths: list[int]) -> torch.Tensor:
-    """[T]: the sample each position of a packed row belongs to (0, 0, ..., 1, 1, ...)."""
-    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+PACKING_BACKENDS: dict[str, tuple[str, ...]] = {
+    "position_ids": ("sdpa", "eager", "flash_attention_2", "flash_attention_3"),
+    "mask": ("sdpa", "eager"),
+}
+"""`Family.packing` -> the attention implementations that keep its packed samples apart
+(flash attention's varlen kernels read sample boundaries from restarting positions and take
+no explicit mask)."""
 
 
-def block_causal_mask(lengths: list[int]) -> torch.Tensor:
-    """[1, 1, T, T] bool: causal attention within each sample of a packed row, none across."""
-    seq = packed_sequence_index(lengths)
-    causal = torch.ones(seq.numel(), seq.numel(), dtype=torch.bool).tril()
-    return (causal & (seq[:, None] == seq[None, :]))[None, None]
+@dataclass(frozen=True)
+class PackingContext:
+    """What the packing hooks (`Family.packed_inputs`, `packed_mask`) may read of a model,
+    without the model: a collator holding this pickles small (DataLoader workers under the
+    spawn start method) and carries no weights. Build it with `PackingContext.of(model)`."""
+
+    config: Any
+    """The model's transformers config (the same object: later changes to it are seen)."""
+    attn_implementation: Optional[str]
+    """The language model's attention implementation (sdpa, eager, flash_attention_2 ...)."""
+    dtype: torch.dtype
+    """The model's floating-point dtype (eager's additive masks are made in it)."""
+    base_model_class: type
+    """Class of the model's base (`model.base_model`; Qwen*VLModel for Qwen-VL): hooks call
+    its config-only methods, such as Qwen's `get_rope_index`, on `config`."""
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "PackingContext":
+        """The context of `model` (a transformers model, or a peft model around one)."""
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = inner.config
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        impl = getattr(text, "_attn_implementation", None) or getattr(cfg, "_attn_implementation", None)
+        dtype = getattr(inner, "dtype", None)
+        dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+        return cls(config=cfg, attn_implementation=impl, dtype=dtype, base_model_class=type(getattr(inner, "base_model", inner)))
+
+    @property
+    def pad_token_id(self) -> int:
+        """The language model's padding token (0 when the config names none): what ends the
+        shorter rows of a "mask" packed batch. Masked and unsupervised, so any token that is
+        not an image placeholder would do."""
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        pad = getattr(text, "pad_token_id", None)
+        pad = getattr(self.config, "pad_token_id", None) if pad is None else pad
+        return int(pad) if pad is not None else 0
 
 
-def attention_mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
-    """A ready 4-D attention mask (True = may attend) in the form `model`'s attention backend
-    takes it as is: bool for sdpa, additive (0 / dtype min) for eager, which adds the mask to
-    the attention scores."""
-    impl = getattr(model.config.get_text_config(), "_attn_implementation", None) or getattr(model.config, "_attn_implementation", None)
-    if impl != "eager":
+def attention_mask_for(context: PackingContext, allowed: torch.Tensor) -> torch.Tensor:
+    """A ready 4-D attention mask from `allowed` (bool, True = may attend) in the form the
+    model's attention backend takes as is: `allowed` itself for sdpa; additive (0 / dtype min,
+    in the model's dtype) for eager, which adds the mask to the attention scores."""
+    if context.attn_implementation != "eager":
         return allowed
-    dtype = getattr(model, "dtype", None)
-    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    # in place: one float tensor of the mask's size, not two
+    return torch.zeros(allowed.shape, dtype=context.dtype).masked_fill_(~allowed, torch.finfo(context.dtype).min)
 
 
 FAMILIES: dict[str, Family] = {}

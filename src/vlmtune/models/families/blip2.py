@@ -29,10 +29,11 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 import torch.nn as nn
 
 from ...errors import UserError
-from . import Family, attention_mask_for, block_causal_mask, register
+from . import Family, PackingContext, register
 
 # "Question: {q} Answer: {a}\n" per turn; images are never written (the processor prepends
 # the query tokens itself). A system message, if any, leads the text.
@@ -79,11 +80,13 @@ def process_blip2(processor: Any, kwargs: dict[str, Any], spans: Optional[list] 
     return out
 
 
-def packed_attention_mask(model: nn.Module, features: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
-    """A packed row's attention: causal within each sample, none across, as an explicit 4-D
-    mask. BLIP-2's forward replaces a missing attention mask by all ones, so transformers
-    never gets to separate the samples by their positions."""
-    return {"attention_mask": attention_mask_for(model, block_causal_mask(lengths))}
+def packed_mask(context: PackingContext, features: dict[str, Any]) -> torch.Tensor:
+    """A packed sample's own attention, bool [n, n]: causal, its image's query embeddings
+    included (OPT reads them causally, as in a padded batch). Packing needs it explicit:
+    BLIP-2's forward replaces a missing attention mask by all ones, so transformers never
+    gets to separate the samples by their positions."""
+    n = int(features["input_ids"].shape[-1])
+    return torch.ones(n, n, dtype=torch.bool).tril_()
 
 
 def cannot_pack_blip2(model: nn.Module) -> Optional[str]:
@@ -146,7 +149,7 @@ register(
         process=process_blip2,
         build_tiny=build_blip2,
         packing="mask",
-        packed_inputs=packed_attention_mask,
+        packed_mask=packed_mask,
         cannot_pack=cannot_pack_blip2,
     )
 )

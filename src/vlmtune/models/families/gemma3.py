@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import LLM_TARGETS, Family, attention_mask_for, packed_sequence_index, register
+from . import LLM_TARGETS, Family, PackingContext, register
 
 # google/gemma-3-*-it's chat template, verbatim.
 GEMMA3_CHAT_TEMPLATE = (
@@ -82,28 +82,27 @@ def unused_vision_head(model: nn.Module) -> tuple[str, ...]:
     return (head,) if any(n.startswith(head) for n, _ in model.named_parameters()) else ()
 
 
-def packed_attention_masks(model: nn.Module, features: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
-    """A packed row's attention, one ready mask per layer type (Gemma3Model takes the dict
-    as is): `full_attention` = same sample and (causal, or both tokens in the same image:
-    images are read bidirectionally); `sliding_attention` = that and less than
-    `sliding_window` tokens back.
+def packed_masks(context: PackingContext, features: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A packed sample's own attention, bool [n, n] per layer type (Gemma3Model takes a dict
+    of ready masks as is): `full_attention` = causal, or both tokens in the same image (images
+    are read bidirectionally); `sliding_attention` = that and less than `sliding_window`
+    tokens back (the same tensor when the window covers the whole sample).
 
     transformers' own packed path (positions restarting per sample, no mask) gets the sliding
     layers' mask wrong: it passes the image-block overlay as an extra mask function, which is
     then remapped to the per-sample positions like the causal one and so looks at the wrong
     tokens' image blocks (transformers 5.24, modeling_gemma3.create_masks_for_vision_model).
     """
-    seq = packed_sequence_index(lengths)
-    idx = torch.arange(seq.numel())
-    is_img = torch.cat([torch.as_tensor(f["token_type_ids"]).reshape(-1) for f in features]) == 1
+    is_img = torch.as_tensor(features["token_type_ids"]).reshape(-1) == 1
+    n = is_img.numel()
     starts = is_img & ~torch.nn.functional.pad(is_img, (1, 0))[:-1]
-    block = torch.where(is_img, starts.cumsum(0), -1)  # one id per image, -1 for text
-    same_image = (block[:, None] == block[None, :]) & (block[:, None] >= 0)
-    full = (seq[:, None] == seq[None, :]) & ((idx[:, None] >= idx[None, :]) | same_image)
-    window = model.config.get_text_config().sliding_window
-    sliding = full & ((idx[:, None] - idx[None, :]) < window) if window else full
-    return {"attention_mask": {"full_attention": attention_mask_for(model, full[None, None]),
-                               "sliding_attention": attention_mask_for(model, sliding[None, None])}}
+    block = torch.where(is_img, starts.cumsum(0), 0)  # one id per image, 0 for text
+    # comparisons broadcast straight into bool [n, n]: no int64 n x n temporaries
+    full = torch.ones(n, n, dtype=torch.bool).tril_() | ((block[:, None] == block[None, :]) & is_img[:, None])
+    window = context.config.get_text_config().sliding_window
+    # keys less than `window` back: j > i - window, the band above diagonal 1 - window
+    sliding = full.triu(1 - window) if window and window < n else full
+    return {"full_attention": full, "sliding_attention": sliding}
 
 
 def _gemma3_processor() -> type:
@@ -172,6 +171,6 @@ register(
         image_token="<image_soft_token>",
         build_tiny=build_gemma3,
         packing="mask",
-        packed_inputs=packed_attention_masks,
+        packed_mask=packed_masks,
     )
 )

@@ -36,7 +36,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from . import LLM_TARGETS, Family, register
+from . import LLM_TARGETS, Family, PackingContext, register
 
 # The first user turn's images, then <bos>; every user turn ends with "\n", every answer
 # with <eos>; a system message leads the prefix. add_generation_prompt adds nothing: the
@@ -115,7 +115,7 @@ def process_paligemma(processor: Any, kwargs: dict[str, Any], spans: Optional[li
     return out
 
 
-def packed_positions(model: nn.Module, features: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
+def packed_positions(context: PackingContext, features: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
     """Positions of a packed row: PaliGemma counts them from 1 (its forward adds 1 when it
     makes them itself), restarting at each sample. transformers separates the samples by
     them and applies each sample's own prefix block (token_type_ids) within it."""

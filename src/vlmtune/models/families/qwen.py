@@ -11,26 +11,42 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
 
-from . import LLM_TARGETS, Family, register
+from . import LLM_TARGETS, Family, PackingContext, register
 
 
-def packed_mrope_positions(model: nn.Module, features: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
+class _RopeIndexSelf:
+    """Stands in for `self` when Qwen*VLModel's `get_rope_index` is called without the model:
+    in transformers 5.24 it reads only `self.config` (vision_config.spatial_merge_size,
+    tokens_per_second) and `self.get_vision_position_ids`, which reads nothing of `self`.
+    So a collator needs the config, not the weights (see `PackingContext`)."""
+
+    def __init__(self, context: PackingContext):
+        self.config = context.config
+        self._owner = context.base_model_class
+
+    def get_vision_position_ids(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._owner.get_vision_position_ids(self, *args, **kwargs)
+
+    def get_rope_index(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._owner.get_rope_index(self, *args, **kwargs)
+
+
+def packed_mrope_positions(context: PackingContext, features: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
     """M-RoPE positions of a packed row (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): each sample's rope
-    index computed as for that sample alone (`get_rope_index`, which reads only the config),
-    concatenated, with the per-sample text positions prepended as row 0 -> [4, 1, T].
+    index computed as for that sample alone (Qwen*VLModel's `get_rope_index`, run on the
+    config only: `_RopeIndexSelf`), concatenated, with the per-sample text positions
+    prepended as row 0 -> [4, 1, T].
 
     Qwen*VLTextModel reads a 4-row position tensor as (text, temporal, height, width) and
     separates packed samples by the text row (where positions restart); in the plain 3-row
     form it does not look for packed samples at all, and they would attend to each other.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = inner.model  # Qwen*VLModel, which owns get_rope_index
+    rope = _RopeIndexSelf(context)
     rows = []
     for f in features:
         grid = {"image_grid_thw": f["image_grid_thw"]} if f.get("image_grid_thw") is not None else {}
-        pos, _ = inner.get_rope_index(f["input_ids"][None], f["mm_token_type_ids"][None], **grid)
+        pos, _ = rope.get_rope_index(f["input_ids"][None], f["mm_token_type_ids"][None], **grid)
         rows.append(pos.cpu())
     text = torch.cat([torch.arange(n) for n in lengths])[None, None]
     return {"position_ids": torch.cat([text, torch.cat(rows, dim=-1)], dim=0)}
