@@ -279,6 +279,32 @@ def test_grpo_logs_loss_and_rewards(shapes_dir, tmp_path, clean_env):
     assert r.data.metrics["run/final_train_loss"] == pytest.approx(m["final_train_loss"], rel=1e-6)
 
 
+def test_a_staged_run_logs_each_stage_nested_in_the_runs_own(shapes_dir, tmp_path, clean_env):
+    """The grid's loggers reach every stage's Trainer (passed down through train_staged to
+    train_run): one mlflow run for the run, each stage's training nested under it, the final
+    metrics in the run's own."""
+    stages = [{"name": "proj", "training_mode": "projector", "max_steps": 1}, {"name": "llm", "training_mode": "llm", "max_steps": 1}]
+    cfg = write_config(tmp_path / "c.yaml", shapes_dir, tmp_path / "out",
+                       training={"stages": stages, "logging_steps": 1, "save_strategy": "no", "report_to": "mlflow"},
+                       evaluation={"enabled": False})
+    assert main(["train", str(cfg)]) == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((tmp_path / "out" / "mlruns").as_uri())
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("t").experiment_id])}
+    assert set(runs) == {"t/q__r8", "t/q__r8/stage_1_proj", "t/q__r8/stage_2_llm"}
+    top = runs["t/q__r8"]
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    m = json.loads((tmp_path / "out" / RUN / "metrics.json").read_text())
+    assert top.data.metrics["run/final_train_loss"] == pytest.approx(m["final_train_loss"], rel=1e-6)
+    for stage in ("stage_1_proj", "stage_2_llm"):
+        r = runs[f"t/q__r8/{stage}"]
+        assert r.data.tags.get("mlflow.parentRunId") == top.info.run_id
+        sm = json.loads((tmp_path / "out" / RUN / stage / "metrics.json").read_text())
+        assert [(x.step, x.value) for x in client.get_metric_history(r.info.run_id, "loss")] \
+            == [(h["step"], pytest.approx(h["loss"], rel=1e-6)) for h in sm["train_loss_history"]] != []
+
+
 def test_where_and_how_each_logger_is_set_up(tmp_path, clean_env, monkeypatch):
     from vlmtune.config import config_from_dict
     from vlmtune.train import loggers as L

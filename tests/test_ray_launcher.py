@@ -1,5 +1,6 @@
 """`vlmtune run --launcher ray` on a local CPU Ray instance: the same run directories and
-summary as the local launcher, resume, retry-once-then-report, `--list` / `--only` for other
+summary as the local launcher, resume, retry-once-then-report (report at once for a user
+error), `--list` / `--only` for other
 schedulers, and one line when Ray is not installed."""
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def _summary(out: Path) -> dict:
 
 
 def test_ray_gives_the_run_dirs_and_summary_of_the_local_launcher(ray_grid):
-    """...and `bad`, which raises inside its task on both attempts, is reported failed while
-    the other run completes."""
+    """...and `bad`, whose task fails with a user error (a LoRA target that matches nothing),
+    is reported failed after one attempt while the other run completes."""
     tmp, _ = ray_grid
     ours, theirs = _summary(tmp / "ray"), _summary(tmp / "local")
     assert [(r["run"], r["status"]) for r in ours["runs"]] == [(r["run"], r["status"]) for r in theirs["runs"]] \
@@ -75,7 +76,7 @@ def test_ray_gives_the_run_dirs_and_summary_of_the_local_launcher(ray_grid):
     preds = [(tmp / d / "q__r4" / "predictions.jsonl").read_text().splitlines() for d in ("ray", "local")]
     assert [json.loads(x)["prediction"] for x in preds[0]] == [json.loads(x)["prediction"] for x in preds[1]]
     fa, fb = ours["runs"][1], theirs["runs"][1]
-    assert fa["error"] == fb["error"] and "matches no linear module" in fa["error"] and fa["attempts"] == 2
+    assert fa["error"] == fb["error"] and "matches no linear module" in fa["error"] and fa["attempts"] == 1
     assert {p.name for p in (tmp / "ray").iterdir()} == {p.name for p in (tmp / "local").iterdir()}
 
 
@@ -118,6 +119,42 @@ def test_a_task_failing_once_succeeds_on_the_retry(ray_grid, shapes_dir):
     assert (tmp / "ray" / "q__r2" / "generation_metrics.json").is_file()
 
 
+def test_a_user_error_is_reported_at_once_other_failures_retry_once(local_ray, shapes_dir, tmp_path, caplog):
+    """A UserError fails the same way every time: no second attempt (and no second model load),
+    the error logged once. Any other failure is still retried once. Cheap: neither task loads a
+    model (the user error is an unknown config key, found by the worker's config check)."""
+    import logging
+
+    from vlmtune.config import load_config
+    from vlmtune.experiment.ray_launcher import run_grid_ray
+
+    cfg = _config(tmp_path / "c.yaml", shapes_dir, tmp_path / "out", [R4, R8])
+    marks = tmp_path / "attempts"
+    marks.mkdir()
+
+    def counted(cfg_dict, config_dir, name, splits, bad, debug=False):
+        from pathlib import Path
+
+        mark = Path(str(marks)) / name
+        mark.write_text(mark.read_text() + "x" if mark.exists() else "x")
+        if name == "q__r8":
+            raise RuntimeError(f"{name}: crashed")
+        from vlmtune.experiment.ray_launcher import run_task
+
+        # run_task's own handling of a UserError (the worker's config check refuses the key)
+        return run_task({**cfg_dict, "training": {**cfg_dict["training"], "no_such_key": 1}}, config_dir, name, splits, bad, debug)
+
+    with caplog.at_level(logging.INFO, logger="vlmtune"):
+        res = run_grid_ray(load_config(cfg), task=counted)
+    user, other = res
+    assert (user["run"], user["status"], user["attempts"]) == ("q__r4", "failed", 1) and "no_such_key" in user["error"]
+    assert (other["run"], other["status"], other["attempts"]) == ("q__r8", "failed", 2) and "crashed" in other["error"]
+    assert (marks / "q__r4").read_text() == "x" and (marks / "q__r8").read_text() == "xx"
+    assert not {"retry", "traceback"} & (set(user) | set(other))  # the driver's, not the summary's
+    said = [r.getMessage() for r in caplog.records if "no_such_key" in r.getMessage()]
+    assert len(said) == 1 and "retrying" not in said[0], said
+
+
 def test_list_prints_exactly_the_run_names(shapes_dir, tmp_path, capsys):
     cfg = _config(tmp_path / "c.yaml", shapes_dir, tmp_path / "out", [R4, R8])
     assert main(["run", str(cfg), "--list"]) == 0
@@ -137,3 +174,19 @@ def test_ray_missing_is_one_line_naming_the_extra(shapes_dir, tmp_path, monkeypa
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --launcher ray: Ray is not installed — pip install 'vlmtune[ray]'"]
     assert not (tmp_path / "out").exists()
+
+
+def test_user_errors_survive_pickling_with_their_parts():
+    """Ray (and multiprocessing) pickle a task's exception; Exception's default pickling calls
+    __init__ with the message alone, which a UserError (where, problem, fix) cannot take, so
+    the driver would get Ray's UnserializableException and retry a deterministic error."""
+    import pickle
+
+    from vlmtune.errors import UserError
+    from vlmtune.train.preempt import Preempted
+
+    e = pickle.loads(pickle.dumps(UserError("data.train_file", "no such file", "check the path")))
+    assert type(e) is UserError and (e.where, e.problem, e.fix) == ("data.train_file", "no such file", "check the path")
+    assert str(e) == "data.train_file: no such file — check the path"
+    p = pickle.loads(pickle.dumps(Preempted("run a", "stopped by SIGTERM", "rerun", 15)))
+    assert isinstance(p, Preempted) and p.exit_code == 143 and p.where == "run a"

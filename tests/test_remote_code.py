@@ -163,3 +163,34 @@ def test_bad_part_paths_are_one_line(odd_dir, shapes_dir, tmp_path, capsys):
     cfg = _train_config(tmp_path, shapes_dir, odd_dir, parts={"visoin": "eye"})
     assert main(["train", str(cfg)]) == 1
     assert "models[0].parts.visoin: unknown part — did you mean `vision`?" in capsys.readouterr().err
+
+
+def test_a_whole_model_checkpoint_resumes_through_the_models_own_code(odd_dir, tmp_path):
+    """A whole-model (no LoRA) checkpoint is read back on resume through `from_pretrained`
+    (train/checkpointing.py; the FSDP path reads it the same way): with the auto class and the
+    trusted remote code the run's model loaded with, the weights come back exactly. (Read with
+    AutoModelForImageTextToText and no trust_remote_code, a remote-code model could not resume.)"""
+    from vlmtune.models.loading import runs_remote_code
+    from vlmtune.train.checkpointing import CheckpointMixin
+
+    parts = {"vision": ["eye"], "projector": ["bridge"], "llm": ["decoder"]}
+    model = load_model(_mcfg(odd_dir, trust_remote_code=True, parts=parts), where="models[0]").model
+    assert runs_remote_code(model) and not runs_remote_code(torch.nn.Linear(1, 1))
+    with torch.no_grad():  # "trained" weights, saved as the Trainer saves a whole model
+        for p in model.parameters():
+            p.add_(0.5)
+    ckpt = tmp_path / "checkpoint-2"
+    model.save_pretrained(ckpt)
+    assert (ckpt / "modeling_tinyvl.py").exists()  # the model's code travels with its checkpoint
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # a fresh process's model, before the resume loads the checkpoint
+        for p in model.parameters():
+            p.zero_()
+
+    class Resuming(CheckpointMixin):
+        def __init__(self, model: torch.nn.Module):
+            self.model = model
+
+    Resuming(model)._load_from_checkpoint(str(ckpt))
+    now = model.state_dict()
+    assert now.keys() == saved.keys() and all(torch.equal(now[k], v) for k, v in saved.items())

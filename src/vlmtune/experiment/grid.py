@@ -160,10 +160,11 @@ def _one_run(cfg: Config, i: int, m: ModelConfig, v: LoraConfig, splits: dict[st
         recipe = functools.partial(grpo_run, probe_factory=visual_reliance_probe)
     else:
         recipe = train_staged
-    # report_to: one logged run from the first training step to the evaluation's metrics
+    # report_to: one logged run from the first training step to the evaluation's metrics,
+    # passed to the recipe, whose Trainer(s) log into it
     with RunLoggers(run_cfg, rd, name, resolved_run_config(run_cfg, m, v)) as loggers:
         res = recipe(run_cfg, m, v, splits["train"], splits["val"], where=f"models[{i}]", callbacks=callbacks,
-                     extra_metrics={"skipped_bad_samples": bad} if bad else None)
+                     extra_metrics={"skipped_bad_samples": bad} if bad else None, run_loggers=loggers)
         summary.update(status="complete", reused=False, metrics=res["metrics"])
         if wants_eval:
             model, encoder = res["model"], res["encoder"]

@@ -9,8 +9,9 @@ same run directory, resuming from its checkpoints). The task gets the config as 
 (paths made absolute by the driver) and the checked data splits through Ray's object store,
 and it returns the run's summary entry. A task that fails -- an error in the run, or its
 worker process dying -- is retried once (from the run's checkpoints), then recorded as failed,
-as the local loop records a failure. The driver writes ablation_summary.json and report.html
-as the local launcher does (cli.cmd_run).
+as the local loop records a failure. A `UserError` (a bad setting, a missing file) is recorded
+at once: it would fail the same way again, after loading the model again. The driver writes
+ablation_summary.json and report.html as the local launcher does (cli.cmd_run).
 
 Every node must see the same files under the same paths (data, output_dir: a shared
 filesystem) and have vlmtune installed. Each task runs in a fresh worker process
@@ -30,7 +31,7 @@ from .grid import error_line, finished_summary, prepare_grid, select_runs
 
 log = logging.getLogger("vlmtune")
 
-ATTEMPTS = 2  # a failed task is retried once
+ATTEMPTS = 2  # a failed task is retried once (not one that failed with a UserError)
 
 
 def require_ray() -> Any:
@@ -45,7 +46,9 @@ def require_ray() -> Any:
 def run_task(cfg_dict: dict[str, Any], config_dir: Optional[str], name: str, splits: dict[str, Any],
              bad: dict[str, int], debug: bool = False) -> dict[str, Any]:
     """One run, inside a Ray worker: the local loop's per-run work. Never raises: an error is
-    returned as a `failed` entry (the driver retries it once)."""
+    returned as a `failed` entry, with `retry` false for a `UserError` (deterministic: the
+    driver reports it at once) and true otherwise (the driver retries it once). The driver
+    pops `retry` and `traceback` before the entry reaches the summary."""
     from ..logs import setup_logging
     from .grid import _one_run
 
@@ -62,7 +65,8 @@ def run_task(cfg_dict: dict[str, Any], config_dir: Optional[str], name: str, spl
         entry.update(run_dir=str(cfg.resolved_output_dir() / name), model=m.name, variant=v.name)
         return _one_run(cfg, i, m, v, splits, bad, None, reuse=True)
     except Exception as e:  # noqa: BLE001 -- every error of a run is that run's failure
-        return {**entry, "status": "failed", "error": error_line(e), "traceback": traceback.format_exc()}
+        return {**entry, "status": "failed", "error": error_line(e), "traceback": traceback.format_exc(),
+                "retry": not isinstance(e, UserError)}
 
 
 def _start_ray(ray: Any, address: Optional[str]) -> bool:
@@ -149,13 +153,15 @@ def _run_tasks(ray: Any, cfg: Config, todo: list[str], splits: dict[str, Any], b
             res = ray.get(ready[0])
         except ray.exceptions.RayError as e:  # the worker died (out of memory, killed, node lost), or a task raised
             cause = getattr(e, "cause", None)
+            cause = cause if isinstance(cause, Exception) else e
             res = {"run": name, "run_dir": str(cfg.resolved_output_dir() / name), "status": "failed",
-                   "error": error_line(cause if isinstance(cause, Exception) else e)}
+                   "error": error_line(cause), "retry": not isinstance(cause, UserError)}
+        retry = res.pop("retry", True)  # an entry without it (another task function): retried as before
         if res.get("status") == "failed":
             tb = res.pop("traceback", None)
             if tb:
                 log.debug("%s", tb)
-            if attempt < ATTEMPTS:
+            if retry and attempt < ATTEMPTS:
                 log.warning("%s failed (attempt %d of %d): %s; retrying", name, attempt, ATTEMPTS, res.get("error"))
                 pending[submit(name)] = (name, attempt + 1)
                 continue

@@ -9,7 +9,9 @@ A mixin for any `transformers.Trainer` subclass:
   (`model.layers.*`, `visual.*`), not the runtime one (`model.language_model.layers.*`), and
   the Trainer reloads it with `load_state_dict(strict=False)`: no key matches, a warning is
   all, and training goes on from the initial weights. The checkpoint is read back through
-  `from_pretrained` (which maps the keys) and loaded strictly;
+  `from_pretrained` (which maps the keys) -- the auto class `models.loading` loads with, and
+  a remote-code model's own code (copied into the checkpoint by `save_pretrained`) -- and
+  loaded strictly;
 - an adapter checkpoint of an unsharded model: the Trainer's own path (peft maps its keys).
 """
 
@@ -27,11 +29,17 @@ from .fsdp import full_state_dict, is_sharded
 
 
 def _whole_model_state(model: nn.Module, ckpt: str) -> dict[str, torch.Tensor]:
-    """A whole-model checkpoint's tensors under `model`'s runtime names."""
-    from transformers import AutoModelForImageTextToText
+    """A whole-model checkpoint's tensors under `model`'s runtime names, loaded as
+    `models.loading.load_model` loads (the same auto-class choice). Remote code is trusted
+    exactly when `model` runs remote code: the run's config trusted it to load the model at
+    all, and this checkpoint is the run's own save of that model."""
+    from ..config import ModelConfig
+    from ..models.loading import load_pretrained, runs_remote_code
 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    return AutoModelForImageTextToText.from_pretrained(ckpt, dtype=dtype).state_dict()
+    mcfg = ModelConfig(name="checkpoint", hf_model_id=ckpt, trust_remote_code=runs_remote_code(model))
+    loaded, _ = load_pretrained(ckpt, mcfg, ckpt, dtype=dtype)
+    return loaded.state_dict()
 
 
 class CheckpointMixin:

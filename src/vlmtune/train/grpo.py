@@ -110,7 +110,8 @@ def policy_source(cfg: Config, mcfg: ModelConfig) -> ModelConfig:
 
 def grpo_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples: list[Sample], val_samples: Optional[list[Sample]],
              where: str = "model", callbacks: Optional[list[Any]] = None, extra_metrics: Optional[dict[str, Any]] = None,
-             run_dir: Optional[RunDir] = None, probe_factory: Optional[Callable[..., Callable[[Any], dict[str, float]]]] = None) -> dict[str, Any]:
+             run_dir: Optional[RunDir] = None, probe_factory: Optional[Callable[..., Callable[[Any], dict[str, float]]]] = None,
+             run_loggers: Optional[loggers.RunLoggers] = None) -> dict[str, Any]:
     """Train one `<model>__<variant>` run with GRPO; same arguments and result as `sft.train_run`.
 
     `probe_factory(encoder, samples, rewards, weights, max_new_tokens)` makes the visual
@@ -165,7 +166,7 @@ def grpo_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples:
         probe_set = (val_samples or train_samples)[: g.probe_samples]
         probe = probe_factory(Encoder(lm.processor, lm.family), probe_set, rewards, weights, g.max_completion_length)
         trainer.set_probe(probe, cfg.training.eval_steps or 50)
-    with loggers.logging_to(trainer, cfg, rd, name, resolved_run_config(cfg, mcfg, variant)):  # report_to: where, what
+    with loggers.logging_to(trainer, cfg, rd, name, resolved_run_config(cfg, mcfg, variant), run_loggers):  # report_to: where, what
         resume, train_seconds = fit(trainer, rd, cfg, model, name, where)
 
     # 6. Outputs, metrics.json last.

@@ -326,32 +326,22 @@ class LoggedRun:
         self.close(exc)
 
 
-_ACTIVE: Optional["RunLoggers"] = None
-"""The run whose loggers are open now (the grid opens one around a run's training and
-evaluation); `training()` attaches each Trainer of that run to it."""
-
-
 class RunLoggers(LoggedRun):
     """A training run's loggers, from its first training step to its evaluation's metrics.
 
-    Used as a context manager around everything a run does (experiment/grid.py): inside it,
-    every Trainer of the run (one, or one per stage) logs into the same wandb and mlflow run.
-    Nothing is written until training starts: a user error before that leaves no run folder."""
+    Used as a context manager around everything a run does (experiment/grid.py), and passed
+    to the recipe (`run_loggers=`, down to `logging_to`): every Trainer of the run (one, or one
+    per stage) logs into the same wandb and mlflow run. Passed, not found in a module global,
+    so what a recipe logs into is visible at its call and two runs in one process (threads,
+    nested calls) cannot pick up each other's loggers. Nothing is written until training
+    starts: a user error before that leaves no run folder."""
 
     def __init__(self, cfg: Config, rd: RunDir, label: str, config: dict[str, Any]):
         super().__init__(cfg, requested(cfg.training.report_to), tracker_run_name(cfg, label), rd.logs, config)
         self.rd = rd
-        self._outer: Optional[RunLoggers] = None
 
     def __enter__(self) -> "RunLoggers":
-        global _ACTIVE
-        self._outer, _ACTIVE = _ACTIVE, self
         return self
-
-    def __exit__(self, et: Any, exc: Optional[BaseException], tb: Any) -> None:
-        global _ACTIVE
-        _ACTIVE = self._outer
-        self.close(exc)
 
     @contextlib.contextmanager
     def attached(self, trainer: Any, rd: RunDir) -> Iterator[None]:
@@ -393,12 +383,13 @@ def _point_tensorboard(trainer: Any, folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def logging_to(trainer: Any, cfg: Config, rd: RunDir, label: str, config: dict[str, Any]) -> Iterator[None]:
-    """What a recipe wraps `trainer.train()` in: the loggers of the run being logged
-    (`RunLoggers`, opened by the grid), or -- a recipe called on its own -- loggers for this
-    training only."""
-    if _ACTIVE is not None:
-        with _ACTIVE.attached(trainer, rd):
+def logging_to(trainer: Any, cfg: Config, rd: RunDir, label: str, config: dict[str, Any],
+               run_loggers: Optional[RunLoggers] = None) -> Iterator[None]:
+    """What a recipe wraps `trainer.train()` in: `run_loggers`, the loggers of the run being
+    logged (opened by the grid and passed down through the recipe; the caller closes them), or
+    -- None, a recipe called on its own -- loggers for this training only, closed here."""
+    if run_loggers is not None:
+        with run_loggers.attached(trainer, rd):
             yield
         return
     with RunLoggers(cfg, rd, label, config) as own, own.attached(trainer, rd):

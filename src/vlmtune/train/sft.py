@@ -115,10 +115,11 @@ def finish(model: torch.nn.Module, lm: LoadedModel, rd: RunDir, metrics: dict[st
 
 def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples: list[Sample], val_samples: Optional[list[Sample]],
               where: str = "model", callbacks: Optional[list[Any]] = None, extra_metrics: Optional[dict[str, Any]] = None,
-              run_dir: Optional[RunDir] = None) -> dict[str, Any]:
+              run_dir: Optional[RunDir] = None, run_loggers: Optional[loggers.RunLoggers] = None) -> dict[str, Any]:
     """Train one `<model>__<variant>` run (in `run_dir`, default `<output_dir>/<model>__<variant>`);
     returns a summary (paths, losses, timings) and, on rank 0, the merged model and encoder
-    for evaluation.
+    for evaluation. `run_loggers`: the `report_to` loggers to log into (the grid's, open from
+    training to evaluation); None opens loggers for this training only.
 
     Crash safety: with `training.resume: auto` a rerun of the same command continues from the
     newest *complete* checkpoint (a checkpoint half-written by a kill is moved aside) and
@@ -177,7 +178,7 @@ def train_run(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples
     )
     for cb in callbacks or []:
         trainer.add_callback(cb)
-    with loggers.logging_to(trainer, cfg, rd, name, resolved_run_config(cfg, mcfg, variant)):  # report_to: where, what
+    with loggers.logging_to(trainer, cfg, rd, name, resolved_run_config(cfg, mcfg, variant), run_loggers):  # report_to: where, what
         resume, train_seconds = fit(trainer, rd, cfg, model, name, where)
 
     # 5. Outputs; metrics.json last: its presence says the outputs beside it are complete.

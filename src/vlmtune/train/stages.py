@@ -23,6 +23,7 @@ from typing import Any, Optional
 from ..io import read_json
 from ..config import Config, LoraConfig, ModelConfig, StageConfig, deep_merge, from_dict
 from ..data.sources import Sample
+from .loggers import RunLoggers
 from .rundir import RunDir, resolved_run_config, run_name
 from .plan import describe_plan, plan_parts
 from .sft import preflight as sft_preflight
@@ -71,11 +72,13 @@ def describe_stages(cfg: Config) -> str:
 
 
 def train_staged(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samples: list[Sample], val_samples: Optional[list[Sample]],
-                 where: str = "model", callbacks: Optional[list[Any]] = None, extra_metrics: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                 where: str = "model", callbacks: Optional[list[Any]] = None, extra_metrics: Optional[dict[str, Any]] = None,
+                 run_loggers: Optional[RunLoggers] = None) -> dict[str, Any]:
     """Train every stage of `cfg.training.stages` in order, then give the run's top level the
-    last stage's outputs. Same arguments and result as `sft.train_run`."""
+    last stage's outputs. Same arguments and result as `sft.train_run`; with `run_loggers`
+    every stage logs into that one run (each stage nested under it in mlflow)."""
     if not cfg.training.stages:
-        return train_run(cfg, mcfg, variant, train_samples, val_samples, where, callbacks, extra_metrics)
+        return train_run(cfg, mcfg, variant, train_samples, val_samples, where, callbacks, extra_metrics, run_loggers=run_loggers)
     name = run_name(mcfg, variant)
     rd = RunDir(cfg.resolved_output_dir() / name)
     source = mcfg
@@ -92,7 +95,8 @@ def train_staged(cfg: Config, mcfg: ModelConfig, variant: LoraConfig, train_samp
             result = {"run": name, "model": None, "metrics": metrics, "stage_dir": srd.path}
         else:
             log.info("run %s: stage %d/%d %s", name, i, n, stage.name)
-            result = train_run(scfg, source, svariant, train_samples, val_samples, where, callbacks, extra_metrics, run_dir=srd)
+            result = train_run(scfg, source, svariant, train_samples, val_samples, where, callbacks, extra_metrics, run_dir=srd,
+                               run_loggers=run_loggers)
             metrics = result["metrics"]
         per_stage.append({"stage": i, "name": stage.name, "run_dir": str(srd), "final_train_loss": metrics.get("final_train_loss"),
                           "global_step": metrics.get("global_step"), "train_seconds": metrics.get("train_seconds")})
