@@ -66,6 +66,34 @@ def test_evaluate_run_reproduces_the_runs_own_evaluation(run_dir, shapes_dir, tm
     assert [r["prediction"] for r in _lines(out2 / "predictions.jsonl")] == [r["prediction"] for r in ours]
 
 
+SYSTEM = "You are a careful assistant who names colors and shapes."
+
+
+def test_evaluate_run_keeps_the_runs_system_message(shapes_dir, tmp_path):
+    """A run trained with data.system_message: `evaluate --run` puts it before every
+    conversation, as the run's own evaluation did (same prompt tokens, same predictions);
+    --system-message still overrides it."""
+    from vlmtune.eval.generate import build_prompt
+    from vlmtune.eval.standalone import eval_data_config, load_eval_samples, load_run, prompt_style
+
+    cfg = write_config(tmp_path / "c.yaml", shapes_dir, tmp_path / "out", data={"system_message": SYSTEM}, training={"max_steps": 2},
+                       evaluation={"enabled": True, "batch_size": 4, "metrics": ["exact_match"]})
+    assert main(["train", str(cfg)]) == 0
+    run = tmp_path / "out" / "q__r8"
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--run", str(run), "--csv", str(shapes_dir / "test.csv"), "--output-dir", str(out), "--metrics", "exact_match"]) == 0
+    keys = ("id", "prediction", "n_prompt_tokens")
+    ours, theirs = _lines(out / "predictions.jsonl"), _lines(run / "predictions.jsonl")
+    assert [[r[k] for k in keys] for r in ours] == [[r[k] for k in keys] for r in theirs]  # the system turn's tokens included
+    assert json.loads((out / "generation_metrics.json").read_text())["prompt"]["system_message"] == SYSTEM
+
+    em = load_run(run, device="cpu")
+    sample = load_eval_samples(str(shapes_dir / "test.csv"), eval_data_config("url", None, None, None), "--csv", "csv")[0]
+    assert SYSTEM in build_prompt(em.encoder, sample, prompt_style(em.run_config, None, None))
+    other = build_prompt(em.encoder, sample, prompt_style(em.run_config, None, "Be brief."))
+    assert "Be brief." in other and SYSTEM not in other
+
+
 def test_model_id_with_lora_path_and_seed_csv(run_dir, seed_csv, tmp_path):
     base = json.loads((run_dir / "lora_adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
     out = tmp_path / "ev"

@@ -173,6 +173,45 @@ def test_adapter_and_final_reload_with_plain_libraries(loaded, shapes_dir, tmp_p
     assert [r["prediction"] for r in generate(final, enc, samples, 3, settings)] == ours
 
 
+def test_final_processor_loads_with_plain_transformers(loaded, tmp_path):
+    """final/ holds the processor as `vlmtune export` writes it: the image processor and the
+    tokenizer load with plain transformers, the chat template is the one evaluation renders
+    with (the family's for BLIP-2/PaliGemma), and a Qwen-style processor's video processor finds
+    its config (the legacy preprocessor_config.json), so `AutoProcessor` fails only for want of
+    torchvision, not of a file."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    from vlmtune.models.processors import has_torchvision
+
+    fam, _ = loaded
+    lm = _fresh(fam)
+    template_before = lm.processor.chat_template
+    save_outputs(lm.model, lm, tmp_path)
+    final = tmp_path / "final"
+    assert lm.processor.chat_template == template_before  # saving leaves the live processor as evaluation uses it
+
+    ip = AutoImageProcessor.from_pretrained(str(final))
+    assert ip.to_dict()["size"] == lm.processor.image_processor.to_dict()["size"]  # the run's resolution, saved
+    assert AutoTokenizer.from_pretrained(str(final)).get_vocab() == lm.processor.tokenizer.get_vocab()
+    wanted = lm.processor.chat_template or lm.family.chat_template
+    if lm.family.needs_video_processor:
+        assert (final / "preprocessor_config.json").is_file()
+        config, _ = BaseVideoProcessor.get_video_processor_dict(str(final))  # what AutoVideoProcessor reads first
+        assert config["size"] == ip.to_dict()["size"]
+        if has_torchvision():
+            assert type(AutoProcessor.from_pretrained(str(final))).__name__ == type(lm.processor).__name__
+        else:
+            with pytest.raises(ImportError, match="[Tt]orchvision"):
+                AutoProcessor.from_pretrained(str(final))
+        assert (final / "chat_template.jinja").read_text() == wanted
+    else:
+        proc = AutoProcessor.from_pretrained(str(final))
+        assert type(proc).__name__ == type(lm.processor).__name__
+        # Blip2Processor takes no chat_template argument: transformers hands the file to its tokenizer
+        assert (proc.chat_template or proc.tokenizer.chat_template) == wanted
+
+
 @pytest.mark.parametrize("model_type, checkpoint_type, family", [
     # seed 003: qwen_vl covers Qwen-VL, Qwen2-VL and Qwen2.5-VL (and here Qwen3-VL)
     ("qwen_vl", "qwen2_vl", "qwen2_vl"), ("qwen_vl", "qwen2_5_vl", "qwen2_5_vl"), ("qwen_vl", "qwen3_vl", "qwen3_vl"),

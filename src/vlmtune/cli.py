@@ -319,7 +319,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .eval import standalone as S
-    from .eval.generate import PromptStyle, evaluate_samples
+    from .eval.generate import evaluate_samples
 
     if bool(args.run) == bool(args.model_id):
         raise UserError("evaluate", "give exactly one of --run RUN_DIR or --model-id ID", "e.g. vlmtune evaluate --run results/exp/model__lora_r16 --csv test.csv")
@@ -329,7 +329,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError("--lora-path", "a run already names its adapter", "drop --lora-path (or use --model-id with --lora-path)")
     _check_evaluate_flags(args)
     metrics = _metric_list(args.metrics)
-    style = PromptStyle(args.prompt_template.replace("\\n", "\n") if args.prompt_template else None, args.system_message)
+    S.prompt_style(None, args.prompt_template, None)  # a bad --prompt-template: one line before any data or model loads
     data_file = args.csv or args.jsonl or args.file
     dcfg = S.eval_data_config(args.image_column, args.query_column, args.annotation_column, args.image_root,
                               args.allow_absolute_paths, args.allow_remote_images)
@@ -351,6 +351,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                     "temperature": args.temperature, "top_p": args.top_p})
     batch_size = args.batch_size or (rc and (rc.evaluation.batch_size or rc.training.per_device_eval_batch_size)) or 8
     metrics = metrics or (rc.evaluation.metrics if rc else None)
+    style = S.prompt_style(rc, args.prompt_template, args.system_message)  # a run's data.system_message, as its own evaluation had
     result = evaluate_samples(em.model, em.encoder, samples, out, batch_size, settings, metrics, style, em.desc)
     print(f"{result['n_samples']} samples -> {out}/predictions.jsonl, {out}/generation_metrics.json")
     print(S.format_scores(result))
@@ -410,7 +411,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .eval import chat as C
     from .eval import standalone as S
-    from .eval.generate import PromptStyle
 
     _check_evaluate_flags(args)
     images = C.check_images(args.image)
@@ -418,8 +418,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     rc = em.run_config
     settings = S.settings_from(rc, {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": args.do_sample or None,
                                     "temperature": args.temperature, "top_p": args.top_p})
-    system = args.system_message or (rc.data.system_message if rc else None)  # a run's own, as its evaluation had
-    style = PromptStyle(args.prompt_template.replace("\\n", "\n") if args.prompt_template else None, system)
+    style = S.prompt_style(rc, args.prompt_template, args.system_message)  # a run's data.system_message, as its own evaluation had
     chat = C.Chat(em, images, settings, style)
     if args.question:
         print(chat.ask(" ".join(args.question)))

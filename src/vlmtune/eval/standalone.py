@@ -27,7 +27,7 @@ from ..data.sources import Sample, jsonl_lines, load_data_file
 from ..errors import UserError
 from ..io import atomic_write_json
 from ..train.rundir import RunDir
-from .generate import GenerationSettings, describe_weights
+from .generate import GenerationSettings, PromptStyle, describe_weights
 
 log = logging.getLogger("vlmtune")
 
@@ -164,6 +164,20 @@ def settings_from(cfg: Optional[Config], overrides: dict[str, Any]) -> Generatio
     """The run's own generation settings (if any), with command-line overrides on top."""
     base = GenerationSettings.from_training(cfg.training) if cfg is not None else GenerationSettings()
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def prompt_style(cfg: Optional[Config], template: Optional[str], system_message: Optional[str]) -> PromptStyle:
+    """How `evaluate` and `chat` turn a sample into a prompt: `--prompt-template` (a typed
+    `\\n` is a newline) and `--system-message`, which defaults to the run's own
+    `data.system_message` when `cfg` is a run's config.
+
+    Inside `vlmtune run` the data loader puts that system message first in every conversation
+    that has none of its own, and evaluation renders the samples as they are. Here the data file
+    is read without the run's config, so the prompt adds it (`build_prompt`, likewise only where
+    a sample has no system turn): the same prompt tokens as the run's own evaluation.
+    """
+    system = system_message or (cfg.data.system_message if cfg is not None else None)
+    return PromptStyle(template.replace("\\n", "\n") if template else None, system)
 
 
 # ------------------------------------------------------------------------------------------

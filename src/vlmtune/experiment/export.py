@@ -33,13 +33,13 @@ from ..config import Config
 from ..errors import UserError
 from ..eval.generate import GenerationSettings, generation_defaults
 from ..eval.standalone import find_run_dir, load_run, read_run_config, settings_from
+from ..models.processors import save_processor
 from ..train.rundir import RunDir, check_writable, recover_swapped_dir, save_dir_atomically
 
 log = logging.getLogger("vlmtune")
 
 DTYPES = ("float32", "float16", "bfloat16")
 MODEL_CARD = "README.md"
-LEGACY_IMAGE_PROCESSOR = "preprocessor_config.json"
 
 
 @dataclasses.dataclass
@@ -91,7 +91,7 @@ def export_run(run: str, to: str, dtype: Optional[str] = None, force: bool = Fal
             model.generation_config._from_model_config = False  # explicit settings now: transformers must not rebuild them from config.json
             model.save_pretrained(tmp)
             step("save processor")
-            save_processor(encoder, tmp)
+            save_processor(encoder.processor, encoder.family, tmp)  # the same files a run's final/ holds
             step("model card")
             (tmp / MODEL_CARD).write_text(model_card(cfg, rd, source, out_dtype, settings, push_to_hub or dest.name), encoding="utf-8")
 
@@ -102,20 +102,6 @@ def export_run(run: str, to: str, dtype: Optional[str] = None, force: bool = Fal
     if push_to_hub:
         result.url = push_folder(dest, push_to_hub, token, private, f"vlmtune export of run {rd.name}")
     return result
-
-
-def save_processor(encoder: Any, folder: Path) -> None:
-    """The processor as evaluation used it (resolution bounds included), with the family's
-    prompt format as its chat template where the processor has none (BLIP-2, PaliGemma), and
-    the image processor's legacy file where the family's processor class also wants a video
-    processor that was not built (no torchvision here): `AutoProcessor` falls back to it."""
-    proc, family = encoder.processor, encoder.family
-    if getattr(proc, "chat_template", None) is None and family is not None and family.chat_template:
-        proc.chat_template = family.chat_template
-    proc.save_pretrained(folder)
-    if family is not None and family.needs_video_processor and getattr(proc, "video_processor", None) is None:
-        if not (folder / LEGACY_IMAGE_PROCESSOR).is_file():
-            proc.image_processor.save_pretrained(folder)
 
 
 def _saved_dtype(folder: Optional[Path]) -> Optional[str]:

@@ -2,17 +2,26 @@
 processor (which needs torchvision).
 
 Without torchvision, `Qwen2VLProcessor`/`Qwen2_5_VLProcessor` refuse to build and
-`AutoProcessor.from_pretrained` silently returns just the tokenizer. The classes made here
-take only `image_processor` and `tokenizer`, behave the same for images and text, and carry
-the real class's *name*, so a processor saved from them reloads with the real class
+`AutoProcessor.from_pretrained` refuses to load them. The classes made here take only
+`image_processor` and `tokenizer`, behave the same for images and text, and carry the real
+class's *name*, so a processor saved from them (`save_processor`) reloads with the real class
 (`AutoProcessor`) wherever torchvision is installed.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
 from transformers import ProcessorMixin
+
+if TYPE_CHECKING:  # families import this module (image_only): no runtime import back
+    from .families import Family
+
+LEGACY_IMAGE_PROCESSOR = "preprocessor_config.json"
+"""The image processor's own file: where a processor's video processor looks for its config
+when no `video_preprocessor_config.json` was saved."""
 
 
 @functools.cache
@@ -47,3 +56,31 @@ def has_torchvision() -> bool:
     from transformers.utils import is_torchvision_available
 
     return bool(is_torchvision_available())
+
+
+def save_processor(processor: Any, family: Optional["Family"], folder: Path) -> None:
+    """Save `processor` into `folder` so plain transformers loads it as vlmtune used it.
+
+    The one implementation behind a run's `final/` and `lora_adapter/` and `vlmtune export`:
+
+    - the processor as it is (resolution bounds included);
+    - the family's prompt format as its chat template where the processor has none (BLIP-2,
+      PaliGemma), so a plain `apply_chat_template` renders what evaluation rendered (BLIP-2's
+      processor class takes no chat template: transformers gives the saved one to its tokenizer);
+    - the image processor's legacy `preprocessor_config.json` where the family's processor
+      class also wants a video processor that was not built (no torchvision here): without it
+      `AutoProcessor` finds no video-processor config even where torchvision is installed.
+
+    `processor` itself is left as it was: the caller may go on evaluating with it.
+    """
+    template = getattr(processor, "chat_template", None)
+    if template is None and family is not None and family.chat_template:
+        processor.chat_template = family.chat_template
+    try:
+        processor.save_pretrained(folder)
+    finally:
+        if template is None and family is not None and family.chat_template:
+            processor.chat_template = None
+    if family is not None and family.needs_video_processor and getattr(processor, "video_processor", None) is None:
+        if not (Path(folder) / LEGACY_IMAGE_PROCESSOR).is_file():
+            processor.image_processor.save_pretrained(folder)

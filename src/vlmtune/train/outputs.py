@@ -11,6 +11,7 @@ import torch
 
 from .. import dist
 from ..models.loading import LoadedModel, merge_adapter_full_precision
+from ..models.processors import save_processor
 from .rundir import RunDir, save_dirs_atomically
 from .throughput import THROUGHPUT_KEYS
 
@@ -100,7 +101,7 @@ def _write_outputs(model: torch.nn.Module, lm: LoadedModel, rd: RunDir) -> torch
         def save_adapter(tmp: Path) -> None:
             nonlocal merged
             model.save_pretrained(tmp)
-            lm.processor.save_pretrained(tmp)
+            save_processor(lm.processor, lm.family, tmp)
             # QLoRA: merging into 4/8-bit weights would round the trained delta away; final/ is
             # the adapter on the full-precision base (what plain peft gives from lora_adapter/)
             merged = merge_adapter_full_precision(lm, tmp) if lm.quant_bits else model.merge_and_unload()
@@ -108,7 +109,8 @@ def _write_outputs(model: torch.nn.Module, lm: LoadedModel, rd: RunDir) -> torch
 
     def save_final(tmp: Path) -> None:
         merged.save_pretrained(tmp)
-        lm.processor.save_pretrained(tmp)
+        # as `vlmtune export` saves it: AutoProcessor/AutoImageProcessor load final/ as it is
+        save_processor(lm.processor, lm.family, tmp)
     outputs.append((rd.final, save_final))
     save_dirs_atomically(outputs)  # both written, then both swapped in
     return merged
