@@ -71,12 +71,7 @@ def test_explicit_mask_batches_are_one_row_per_bin(fam, shapes_dir):
 
 @pytest.mark.parametrize("fam,attn,window", [("blip2", "sdpa", None), ("blip2", "eager", None), ("gemma3", "sdpa", 8), ("gemma3", "eager", 8)])
 def test_rows_of_several_bins_have_the_loss_and_gradients_of_the_padded_batch(fam, attn, window, shapes_dir):
-    lm = _load(fam, attn)
-    if window:
-        lm.model.config.get_text_config().sliding_window = window
-        for m in lm.model.modules():
-            if getattr(m, "sliding_window", None):
-                m.sliding_window = window
+    lm = _load(fam, attn, window)
     model = lm.model
     model.eval()
     feats = _features(lm, shapes_dir)

@@ -43,11 +43,19 @@ PACKING_FAMILIES = sorted(f for f, fam in FAMILIES.items() if fam.packing and fa
 REL = 1e-5
 
 
-def _load(fam: str, attn: str | None = None):
+def _load(fam: str, attn: str | None = None, window: int | None = None):
+    """The tiny model of `fam`; `window`: Gemma3's sliding window shortened to that many tokens
+    (shorter than a sample, so the sliding layers' masks differ from the full ones)."""
     # Qwen-VL: 112x112 px images -> several merged image tokens each (Qwen3-VL's 32 px merge
     # would make a 56 px image one token, whose M-RoPE position equals its text position)
-    return load_model(ModelConfig(name=fam, hf_model_id=f"tiny:{fam}", torch_dtype="float32", min_pixels=12544, max_pixels=12544,
-                                  attn_implementation=attn))
+    lm = load_model(ModelConfig(name=fam, hf_model_id=f"tiny:{fam}", torch_dtype="float32", min_pixels=12544, max_pixels=12544,
+                                attn_implementation=attn))
+    if window:
+        lm.model.config.get_text_config().sliding_window = window
+        for m in lm.model.modules():
+            if getattr(m, "sliding_window", None):
+                m.sliding_window = window
+    return lm
 
 
 def _features(lm, shapes_dir) -> list[dict]:
@@ -102,12 +110,7 @@ def test_packed_row_has_the_loss_and_gradients_of_the_padded_batch(fam, shapes_d
 def test_explicit_masks_on_every_backend_they_pack_with(fam, attn, window, shapes_dir):
     """Masks the family builds itself: eager adds them to the scores (bool would be wrong
     there), and Gemma3's sliding layers must see a window shorter than a sample."""
-    lm = _load(fam, attn)
-    if window:
-        lm.model.config.get_text_config().sliding_window = window
-        for m in lm.model.modules():
-            if getattr(m, "sliding_window", None):
-                m.sliding_window = window
+    lm = _load(fam, attn, window)
     assert packing_blocker(lm.family, lm.model) is None
     _assert_packed_equals_padded(lm, _features(lm, shapes_dir))
 
