@@ -340,9 +340,6 @@ class RunLoggers(LoggedRun):
         super().__init__(cfg, requested(cfg.training.report_to), tracker_run_name(cfg, label), rd.logs, config)
         self.rd = rd
 
-    def __enter__(self) -> "RunLoggers":
-        return self
-
     @contextlib.contextmanager
     def attached(self, trainer: Any, rd: RunDir) -> Iterator[None]:
         """Around `trainer.train()`: the run's loggers open, tensorboard writes into
